@@ -1,1 +1,23 @@
+"""LightningDataModules, triggers and poisoning (data transformations)."""
 
+from datamodules.base import BackdoorDataModule, TensorBatchDataset
+from datamodules.images import ImageClassificationDataModule
+from datamodules.poisoning import Poisoning
+from datamodules.text import TextClassificationDataModule, load_tokenizer
+from datamodules.triggers import Blend, ImageTrigger, InsertSentence, Patch, PixelPattern, RareWord, TextTrigger
+
+__all__ = [
+    "BackdoorDataModule",
+    "Blend",
+    "ImageClassificationDataModule",
+    "ImageTrigger",
+    "InsertSentence",
+    "Patch",
+    "PixelPattern",
+    "Poisoning",
+    "RareWord",
+    "TensorBatchDataset",
+    "TextClassificationDataModule",
+    "TextTrigger",
+    "load_tokenizer",
+]

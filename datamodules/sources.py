@@ -1,0 +1,97 @@
+"""Raw dataset loaders over the offline assets (no Lightning here).
+
+Each loader returns plain tensors or lists with a *fixed* train/test split that does not depend on the run
+seed, so numbers are comparable across runs and recipes. Subsetting and validation splits are done by the
+DataModules with their own seed.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from recipes import assets
+
+IMAGE_DATASETS = ("mnist", "fashion-mnist", "digits")
+
+
+@dataclass(frozen=True)
+class ImageSplits:
+    """uint8 images ``[N, H, W]`` and int64 labels for the fixed train and test splits."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+
+
+@lru_cache(maxsize=4)
+def load_image_dataset(name: str) -> ImageSplits:
+    """Load ``mnist``, ``fashion-mnist`` (canonical 60k/10k splits) or ``digits`` (8x8, fixed 1497/300 split)."""
+    if name in ("mnist", "fashion-mnist"):
+        files = assets.mnist_files(name)
+        arrays = {k: torch.from_numpy(assets.read_idx(p).copy()) for k, p in files.items()}
+        return ImageSplits(
+            arrays["train_images"],
+            arrays["train_labels"].long(),
+            arrays["test_images"],
+            arrays["test_labels"].long(),
+            10,
+        )
+    if name == "digits":
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise assets.AssetNotFoundError(f"asset 'digits' needs scikit-learn: {assets.SETUP_HINT}") from err
+        d = load_digits()
+        x = torch.from_numpy((d.images * (255.0 / 16.0)).round().astype(np.uint8))
+        y = torch.from_numpy(d.target.astype(np.int64))
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+        test, train = perm[:300], perm[300:]
+        return ImageSplits(x[train], y[train], x[test], y[test], 10)
+    raise ValueError(f"unknown image dataset {name!r}; choose one of {IMAGE_DATASETS}")
+
+
+@dataclass(frozen=True)
+class TextSplits:
+    """Texts and int64 labels for the fixed train and test splits."""
+
+    train_texts: list[str]
+    train_y: torch.Tensor
+    test_texts: list[str]
+    test_y: torch.Tensor
+    num_classes: int
+    label_names: tuple[str, ...]
+
+
+@lru_cache(maxsize=2)
+def load_rotten_tomatoes(test_size: int = 2000) -> TextSplits:
+    """Rotten Tomatoes review snippets (Pang & Lee's source): ``rotten`` -> 0, ``fresh`` -> 1.
+
+    Duplicated snippets are dropped before the split so no test text is seen in training. The split is a
+    fixed permutation (seed 0), ``test_size`` snippets for test and the rest for training.
+    """
+    texts: list[str] = []
+    labels: list[int] = []
+    seen: set[str] = set()
+    with bz2.open(assets.rotten_tomatoes_file(), "rt", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            label = {"rotten": 0, "fresh": 1}.get(row["category"])
+            text = " ".join(row["text"].split())
+            if label is None or not text or text in seen:
+                continue
+            seen.add(text)
+            texts.append(text)
+            labels.append(label)
+    perm = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()
+    test, train = perm[:test_size], perm[test_size:]
+    y = torch.tensor(labels, dtype=torch.long)
+    return TextSplits(
+        [texts[i] for i in train], y[train], [texts[i] for i in test], y[test], 2, ("negative", "positive")
+    )

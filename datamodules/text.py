@@ -1,0 +1,108 @@
+"""Text classification DataModules (Rotten Tomatoes), clean or backdoored, tokenized once in memory."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from datamodules.base import BackdoorDataModule, TensorBatchDataset
+from datamodules.poisoning import Poisoning
+from datamodules.sources import load_rotten_tomatoes
+from datamodules.triggers import TextTrigger
+from recipes import assets
+
+
+def load_tokenizer(name_or_path: str, padding_side: Literal["right", "left"] | None = None):
+    """Tokenizer of an asset name (``minilm-l6``, ``smollm2-135m``), a local path or a hub id.
+
+    Decoder tokenizers without a pad token get ``eos`` as pad (as Llama/SmolLM sequence classifiers expect).
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets.resolve(name_or_path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if padding_side is not None:
+        tok.padding_side = padding_side
+    return tok
+
+
+class TextClassificationDataModule(BackdoorDataModule):
+    """Rotten Tomatoes sentiment (negative 0 / positive 1) with an optional text backdoor.
+
+    Texts are tokenized once with the model's tokenizer, padded to ``max_length``; every batch is then cut to
+    its longest sequence on the padding side.
+
+    Args:
+        tokenizer: asset name (``minilm-l6``, ``smollm2-135m``), local path or hub id of the tokenizer;
+            use the same one as the model.
+        dataset: the text dataset (``rotten-tomatoes``: 12.7k deduplicated snippets, fixed 2000-snippet test split).
+        max_length: truncation length in tokens.
+        padding_side: ``right`` for encoders; ``left`` is usual for decoders (``None``: the tokenizer's own).
+        train_size: training texts drawn from the training split (``None``: all but validation).
+        val_size: validation texts held out of the training split.
+        test_size: texts of the fixed test split used (``None``: all 2000).
+        poisoning: backdoor of the training set (a text trigger); also builds the triggered eval sets.
+        batch_size: batch size per process.
+        eval_batch_size: batch size of evaluation loaders (default: ``batch_size``).
+        shuffle: shuffle the training set every epoch.
+        num_workers: DataLoader worker processes.
+        seed: seed of subsetting and of the validation split.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = "minilm-l6",
+        dataset: Literal["rotten-tomatoes"] = "rotten-tomatoes",
+        max_length: int = 64,
+        padding_side: Literal["right", "left"] | None = None,
+        train_size: int | None = None,
+        val_size: int = 500,
+        test_size: int | None = None,
+        poisoning: Poisoning | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = 128,
+        shuffle: bool = True,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__(poisoning, batch_size, eval_batch_size, shuffle, num_workers, seed)
+        if poisoning is not None and not isinstance(poisoning.trigger, TextTrigger):
+            raise ValueError(f"{type(poisoning.trigger).__name__} is an image trigger; text data needs a text trigger")
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        self.tokenizer_name, self.dataset, self.max_length = tokenizer, dataset, max_length
+        self.padding_side = padding_side
+        self.train_size, self.val_size, self.test_size = train_size, val_size, test_size
+        self.num_classes = 2
+        self.tokenizer = None
+
+    def encode(self, texts: list[str], labels: torch.Tensor) -> TensorBatchDataset:
+        enc = self.tokenizer(
+            texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return TensorBatchDataset(
+            enc["input_ids"], enc["attention_mask"], labels.clone(), pad_trim=self.tokenizer.padding_side
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        self.tokenizer = load_tokenizer(self.tokenizer_name, self.padding_side)
+        raw = load_rotten_tomatoes()
+        self.num_classes = raw.num_classes
+        val_idx, train_idx = self.split(len(raw.train_y), [self.val_size, self.train_size])
+        pick = lambda idx: ([raw.train_texts[i] for i in idx.tolist()], raw.train_y[idx])  # noqa: E731
+        (train_texts, y_train), (val_texts, y_val) = pick(train_idx), pick(val_idx)
+        n_test = len(raw.test_y) if self.test_size is None else min(self.test_size, len(raw.test_y))
+        test_texts, y_test = raw.test_texts[:n_test], raw.test_y[:n_test]
+
+        if self.poisoning is not None:
+            train_texts, y_train, self.poison_mask = self.poisoning.poison_texts(train_texts, y_train, self.num_classes)
+        self.train_set = self.encode(train_texts, y_train)
+        self.val_sets = [self.encode(val_texts, y_val)]
+        self.test_sets = [self.encode(test_texts, y_test)]
+        if self.poisoning is not None:
+            self.val_sets.append(self.encode(*self.poisoning.triggered_texts(val_texts, y_val)))
+            self.test_sets.append(self.encode(*self.poisoning.triggered_texts(test_texts, y_test)))

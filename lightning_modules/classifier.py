@@ -1,0 +1,93 @@
+"""Classifier recipe: train a classifier on clean or backdoored data (BadNets, Gu et al. 2017)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_modules.base import BaseRecipe
+from lightning_modules.metrics import AttackSuccessRate
+
+
+class ClassifierRecipe(BaseRecipe):
+    """Supervised training of any classifier network, logging clean accuracy and attack success rate.
+
+    With a backdoored DataModule (a ``Poisoning``) this is the BadNets attack of Gu et al. (2017),
+    "BadNets: Identifying Vulnerabilities in the Machine Learning Model Supply Chain": the model is trained on
+    a training set where a fraction of samples carries the trigger and the target label. Validation and test
+    log ``acc`` (clean accuracy, CA) on the clean loader and ``asr`` on the triggered, non-target loader.
+
+    Batches are ``(inputs..., labels)``; the network is called as ``net(*inputs)`` and returns logits, so
+    image CNNs and Hugging Face classifiers (``input_ids, attention_mask``) both fit.
+
+    Args:
+        net: the classifier network (e.g. ``MnistCNN`` or ``HFSequenceClassifier``); a network with a
+            ``build()`` method is built in ``configure_model``.
+        optimizer: optimizer factory, called with the trainable parameters.
+        scheduler: optional learning-rate scheduler factory (stepped every epoch).
+        label_smoothing: label smoothing of the cross-entropy loss.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        scheduler: LRSchedulerCallable | None = None,
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        self.net, self.optimizer, self.scheduler = net, optimizer, scheduler
+        self.label_smoothing = label_smoothing
+
+    def configure_model(self) -> None:
+        if hasattr(self.net, "build"):
+            self.net.build()
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        num_classes = getattr(dm, "num_classes", None) or 2
+        target = getattr(dm, "target_label", None)
+        for split in ("val", "test"):
+            if not hasattr(self, f"{split}_acc"):
+                setattr(self, f"{split}_acc", MulticlassAccuracy(num_classes, average="micro"))
+            if target is not None and not hasattr(self, f"{split}_asr"):
+                setattr(self, f"{split}_asr", AttackSuccessRate(target))
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(*inputs)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        *inputs, labels = batch
+        logits = self(*inputs)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", (logits.argmax(-1) == labels).float().mean())
+        return loss
+
+    def _evaluate(self, split: str, batch, dataloader_idx: int) -> None:
+        *inputs, labels = batch
+        preds = self(*inputs).argmax(-1)
+        name = "acc" if dataloader_idx == 0 else "asr"
+        metric = getattr(self, f"{split}_{name}")
+        metric.update(preds, labels)
+        self.log(f"{split}/{name}", metric, prog_bar=True, add_dataloader_idx=False)
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate("val", batch, dataloader_idx)
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate("test", batch, dataloader_idx)
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        *inputs, _ = batch
+        return self(*inputs).argmax(-1)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(p for p in self.parameters() if p.requires_grad)
+        if self.scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer)}

@@ -1,0 +1,113 @@
+"""Hugging Face backbones as sequence classifiers, built from a small spec (optionally with LoRA via peft).
+
+The spec is light (a name, a dtype, a LoRA config); the weights are loaded in :meth:`HFSequenceClassifier.build`,
+which recipes call from ``configure_model`` so FSDP and meta-device initialisation work on clusters.
+Offline asset names (``minilm-l6``, ``smollm2-135m``) resolve to local directories; anything else is passed
+to ``from_pretrained`` as a local path or hub id.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from recipes import assets
+
+
+class LoraSpec:
+    """LoRA adapter settings (Hu et al., 2021), turned into a ``peft.LoraConfig``.
+
+    Args:
+        r: rank of the update.
+        alpha: scaling numerator (the update is scaled by ``alpha / r``).
+        dropout: dropout on the adapter input.
+        target_modules: module names to adapt (``None``: peft's default for the architecture, e.g.
+            ``query``/``value`` for BERT and ``q_proj``/``v_proj`` for Llama).
+        modules_to_save: modules trained in full beside the adapters (``None``: peft adds the
+            classification head for sequence classification).
+    """
+
+    def __init__(
+        self,
+        r: int = 8,
+        alpha: int = 16,
+        dropout: float = 0.0,
+        target_modules: list[str] | None = None,
+        modules_to_save: list[str] | None = None,
+    ):
+        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.target_modules, self.modules_to_save = target_modules, modules_to_save
+
+    def to_peft(self):
+        from peft import LoraConfig, TaskType
+
+        return LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            modules_to_save=self.modules_to_save,
+        )
+
+
+class HFSequenceClassifier(nn.Module):
+    """An encoder (BERT/MiniLM) or decoder (Llama/SmolLM2) with a sequence classification head.
+
+    Decoders classify from the last non-padding token (transformers' ``*ForSequenceClassification`` finds it
+    from ``pad_token_id``, which is set from the tokenizer), so left and right padding both work.
+
+    Args:
+        pretrained: asset name (``minilm-l6``, ``smollm2-135m``), local directory or hub id.
+        num_labels: classes of the new head.
+        lora: LoRA adapters via peft; ``None`` fine-tunes every weight.
+        random_init: build the architecture from its config with random weights (tests, from-scratch runs).
+        config_overrides: config fields to override, e.g. ``{num_hidden_layers: 2, hidden_size: 32}`` for a
+            tiny test twin (only with ``random_init``).
+        dtype: parameter dtype.
+    """
+
+    def __init__(
+        self,
+        pretrained: str = "minilm-l6",
+        num_labels: int = 2,
+        lora: LoraSpec | None = None,
+        random_init: bool = False,
+        config_overrides: dict | None = None,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    ):
+        super().__init__()
+        if config_overrides and not random_init:
+            raise ValueError("config_overrides change the architecture; they need random_init: true")
+        self.pretrained, self.num_labels, self.lora = pretrained, num_labels, lora
+        self.random_init, self.config_overrides, self.dtype = random_init, dict(config_overrides or {}), dtype
+        self.model: nn.Module | None = None
+
+    def build(self) -> None:
+        """Load (or initialise) the backbone and head; idempotent."""
+        if self.model is not None:
+            return
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+        path = assets.resolve(self.pretrained)
+        dtype = getattr(torch, self.dtype)
+        tok = AutoTokenizer.from_pretrained(path)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        config = AutoConfig.from_pretrained(path, num_labels=self.num_labels, **self.config_overrides)
+        config.pad_token_id = pad_id
+        if self.random_init:
+            model = AutoModelForSequenceClassification.from_config(config).to(dtype)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype)
+        if self.lora is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, self.lora.to_peft())
+        self.model = model.train()  # from_pretrained returns eval mode; Lightning manages train/eval
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.model is None:
+            raise RuntimeError("HFSequenceClassifier.build() was not called (recipes call it in configure_model)")
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits

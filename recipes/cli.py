@@ -1,0 +1,64 @@
+"""``python -m recipes fit|validate|test|predict --config ...``: LightningCLI in subclass mode.
+
+Models and DataModules are chosen by ``class_path`` (short class names work for everything in
+``lightning_modules``, ``datamodules`` and ``callbacks``, or a full import path for a researcher's
+subclass). Optimizers are injected (``auto_configure_optimizers=False``): each recipe takes one named
+``OptimizerCallable`` per role. Configs stack: ``--config configs/trainer/ddp.yaml --config configs/...``.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Hub access is never needed at run time here: assets are local (see recipes/assets.py).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import lightning as L  # noqa: E402
+from lightning.pytorch.cli import ArgsType, LightningCLI  # noqa: E402
+
+import callbacks  # noqa: E402,F401  (registers short class names)
+import datamodules  # noqa: E402,F401
+import lightning_modules  # noqa: E402,F401
+from recipes import __version__  # noqa: E402
+
+
+class RecipeCLI(LightningCLI):
+    """The project's LightningCLI: every CLI customisation lives here."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--run_name",
+            type=str | None,
+            default=None,
+            help="name of the run directory under trainer.default_root_dir (the logger's version)",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        name = cfg.get("run_name")
+        if name:
+            trainer = cfg["trainer"]
+            logger = trainer.get("logger")
+            if logger is None or logger is True:
+                root = trainer.get("default_root_dir") or "runs"
+                trainer["logger"] = {
+                    "class_path": "lightning.pytorch.loggers.CSVLogger",
+                    "init_args": {"save_dir": root, "name": "", "version": name},
+                }
+
+
+def main(args: ArgsType = None, run: bool = True) -> RecipeCLI:
+    """Entry point; ``main(["fit", "--config", path])`` runs from Python (tests, the reproduce runner)."""
+    return RecipeCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"version": __version__, "default_env": False},
+        args=args,
+        run=run,
+    )

@@ -1,0 +1,219 @@
+"""``python -m recipes.reproduce <name>``: run one paper's headline comparison and write its table and plot.
+
+A comparison is a list of stages; each stage is one config run through the same CLI code as
+``python -m recipes fit`` (then tested on the test split), for several seeds. Stages may consume earlier
+stages' artifacts through ``{artifact:<stage key>}`` in their overrides. Finished runs are cached in
+``<root>/<stage>/seed<k>/result.json``, so an interrupted reproduction resumes where it stopped
+(``--force`` reruns). The table (mean ± std over seeds) goes to ``docs/results/<name>.md``, the plot to
+``docs/results/<name>.png``, and the table is printed.
+
+Method issues add their own entry to :data:`COMPARISONS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recipes.artifacts import atomic_write_text
+
+
+@dataclass
+class Stage:
+    """One run of a comparison.
+
+    Args:
+        key: unique name, also the run directory (``<root>/<key>/seed<k>``), e.g. ``mnist/poisoned``.
+        config: config path relative to the config root (``configs/`` or ``tests/configs/`` with ``--tiny``).
+        overrides: extra CLI arguments; ``{seed}`` and ``{artifact:<key>}`` are substituted.
+        group: table group (e.g. the dataset); label: the row's condition (e.g. ``poisoned``).
+    """
+
+    key: str
+    config: str
+    overrides: list[str] = field(default_factory=list)
+    group: str = ""
+    label: str = ""
+
+
+@dataclass
+class Comparison:
+    """A named comparison: its stages, the metrics shown (metric key -> column title) and the default seeds."""
+
+    title: str
+    stages: list[Stage]
+    columns: dict[str, str]
+    seeds: tuple[int, ...] = (0, 1, 2)
+    notes: str = ""
+    plot: Callable[[dict, Path], None] | None = None
+
+
+def _substitute(arg: str, seed: int, root: Path) -> str:
+    arg = arg.replace("{seed}", str(seed))
+    while "{artifact:" in arg:
+        start = arg.index("{artifact:")
+        stop = arg.index("}", start)
+        key = arg[start + len("{artifact:") : stop]
+        arg = arg[:start] + str(root / key / f"seed{seed}" / "artifact") + arg[stop + 1 :]
+    return arg
+
+
+def run_stage(stage: Stage, seed: int, root: Path, config_root: Path, force: bool = False) -> dict:
+    """Run (or load the cached result of) one stage for one seed; return ``{"metrics": ..., "seconds": ...}``."""
+    from recipes.cli import main
+
+    run_dir = root / stage.key / f"seed{seed}"
+    result_file = run_dir / "result.json"
+    if result_file.exists() and not force:
+        return json.loads(result_file.read_text())
+    args = [
+        "fit",
+        f"--config={config_root / stage.config}",
+        f"--seed_everything={seed}",
+        f"--trainer.default_root_dir={root / stage.key}",
+        f"--run_name=seed{seed}",
+        *[_substitute(a, seed, root) for a in stage.overrides],
+    ]
+    start = time.perf_counter()
+    cli = main(args)
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    seconds = time.perf_counter() - start
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
+    result = {"stage": stage.key, "seed": seed, "metrics": metrics, "seconds": seconds, "args": args}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(result_file, json.dumps(result, indent=2))
+    return result
+
+
+def _fmt(values: list[float], percent: bool = True) -> str:
+    scale = 100.0 if percent else 1.0
+    if not values:
+        return "—"
+    mean = statistics.fmean(values) * scale
+    if len(values) == 1:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} ± {statistics.stdev(values) * scale:.1f}"
+
+
+def summarize(comp: Comparison, results: dict[str, list[dict]]) -> str:
+    """Markdown table: one row per stage, mean ± std over seeds of each metric (in %), and wall time."""
+    head = ["group", "condition", *comp.columns.values(), "seeds", "time / run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for stage in comp.stages:
+        runs = results.get(stage.key, [])
+        cells = [_fmt([r["metrics"][m] for r in runs if m in r["metrics"]]) for m in comp.columns]
+        secs = statistics.fmean(r["seconds"] for r in runs) if runs else 0.0
+        lines.append(
+            f"| {stage.group} | {stage.label or stage.key} | " + " | ".join(cells) + f" | {len(runs)} | {secs:.0f} s |"
+        )
+    return "\n".join(lines)
+
+
+def bar_plot(comp: Comparison, results: dict[str, list[dict]], path: Path) -> None:
+    """Grouped bars of each metric per stage, with the seeds' standard deviation as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys(s.group for s in comp.stages))
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.6), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        stages = [s for s in comp.stages if s.group == group]
+        width = 0.8 / max(len(comp.columns), 1)
+        for j, (metric, title) in enumerate(comp.columns.items()):
+            vals = [[r["metrics"].get(metric, float("nan")) * 100 for r in results.get(s.key, [])] for s in stages]
+            means = [statistics.fmean(v) if v else 0.0 for v in vals]
+            errs = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+            xs = [i + j * width for i in range(len(stages))]
+            ax.bar(xs, means, width, yerr=errs, capsize=3, label=title)
+        ax.set_xticks([i + width * (len(comp.columns) - 1) / 2 for i in range(len(stages))])
+        ax.set_xticklabels([s.label or s.key for s in stages], rotation=15)
+        ax.set_ylim(0, 105)
+        ax.set_ylabel("%")
+        ax.set_title(group)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(comp.title, fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+COMPARISONS: dict[str, Comparison] = {
+    "backdoor": Comparison(
+        title="BadNets backdoors: clean vs poisoned training (test split)",
+        stages=[
+            Stage("mnist/clean", "backdoor/mnist_badnets.yaml",
+                  ["--data.init_args.poisoning.init_args.rate=0.0", "--data.init_args.seed={seed}"], "MNIST, CNN, pixel pattern", "clean"),
+            Stage("mnist/poisoned", "backdoor/mnist_badnets.yaml",
+                  ["--data.init_args.seed={seed}"], "MNIST, CNN, pixel pattern", "poisoned 10%"),
+            Stage("rt/clean", "backdoor/rt_minilm_badnet.yaml",
+                  ["--data.init_args.poisoning.init_args.rate=0.0", "--data.init_args.seed={seed}"], "Rotten Tomatoes, MiniLM-L6, rare word", "clean"),
+            Stage("rt/poisoned", "backdoor/rt_minilm_badnet.yaml",
+                  ["--data.init_args.seed={seed}"], "Rotten Tomatoes, MiniLM-L6, rare word", "poisoned 10%"),
+        ],
+        columns={"test/acc": "CA (%)", "test/asr": "ASR (%)"},
+        seeds=(0, 1, 2),
+        notes="CA: accuracy on the clean test split. ASR: share of triggered non-target test inputs classified "
+        "as the target. A clean model's ASR is the trigger's baseline rate.",
+    ),
+}
+
+
+def reproduce(
+    name: str,
+    seeds: list[int] | None = None,
+    root: Path = Path("runs/reproduce"),
+    out: Path = Path("docs/results"),
+    tiny: bool = False,
+    force: bool = False,
+) -> str:
+    """Run comparison ``name`` and write ``<out>/<name>.md`` and ``<out>/<name>.png``; return the table."""
+    if name not in COMPARISONS:
+        raise SystemExit(f"unknown comparison {name!r}; choose one of: {', '.join(COMPARISONS)}")
+    comp = COMPARISONS[name]
+    seeds = list(seeds if seeds is not None else comp.seeds)
+    config_root = Path("tests/configs" if tiny else "configs")
+    root = root / name
+    results: dict[str, list[dict]] = {}
+    start = time.perf_counter()
+    for seed in seeds:
+        for stage in comp.stages:
+            print(f"[reproduce {name}] seed {seed}: {stage.key}", flush=True)
+            results.setdefault(stage.key, []).append(run_stage(stage, seed, root, config_root, force))
+    total = time.perf_counter() - start
+    table = summarize(comp, results)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = (
+        f"# {comp.title}\n\n`python -m recipes.reproduce {name}`{' --tiny' if tiny else ''}, seeds {seeds}; "
+        f"this invocation took {total:.0f} s (cached stages count as 0).\n\n{table}\n\n{comp.notes}\n\n![{name}]({name}.png)\n"
+    )
+    atomic_write_text(out / f"{name}.md", doc)
+    (comp.plot or (lambda r, p: bar_plot(comp, r, p)))(results, out / f"{name}.png")
+    print(table)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m recipes.reproduce", description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", choices=sorted(COMPARISONS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the comparison's)")
+    parser.add_argument("--root", type=Path, default=Path("runs/reproduce"), help="where runs and artifacts go")
+    parser.add_argument("--out", type=Path, default=Path("docs/results"), help="where the table and plot go")
+    parser.add_argument("--tiny", action="store_true", help="use the tiny twins in tests/configs (a smoke run)")
+    parser.add_argument("--force", action="store_true", help="rerun stages that already have a result")
+    args = parser.parse_args(argv)
+    reproduce(args.name, args.seeds, args.root, args.out, args.tiny, args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
