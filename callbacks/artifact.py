@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from recipes.artifacts import save_artifact
@@ -18,8 +19,8 @@ class ExportArtifact(pl.Callback):
     the log dir, as text), ``metrics`` (``trainer.callback_metrics``), whatever ``pl_module.artifact_metadata()``
     returns (e.g. trigger and target), and ``parents`` from ``pl_module.artifact_parents()`` (a list of
     :func:`recipes.artifacts.parent_record` dicts). The tensors are ``pl_module.artifact_state_dict()`` if the module
-    defines it, else ``pl_module.state_dict()``. Only rank zero writes; parameters must be whole on rank zero
-    (sharded strategies such as FSDP or DeepSpeed are not supported).
+    defines it, else ``pl_module.state_dict()``, copied to the CPU; it is computed on every rank and rank zero
+    writes it, so it must hold whole (unsharded) tensors there.
 
     Args:
         dirname: Name of the artifact directory inside the trainer's log dir (``default_root_dir`` without logger).
@@ -43,16 +44,16 @@ class ExportArtifact(pl.Callback):
 
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[Path]:
         """Writes the artifact now; returns its path on rank zero, ``None`` elsewhere. Call it on all ranks."""
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir broadcasts: every rank must read it
+        # Both on every rank: log_dir broadcasts, and a sharded module's state_dict() gathers collectively.
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        state_dict = getattr(pl_module, "artifact_state_dict", pl_module.state_dict)()
         if not trainer.is_global_zero:
             return None
-        get_state = getattr(pl_module, "artifact_state_dict", pl_module.state_dict)
-        state_dict = {name: tensor.detach().cpu() for name, tensor in get_state().items()}
         config_file = log_dir / "config.yaml"  # written there by LightningCLI's SaveConfigCallback
         manifest: dict[str, Any] = {
             "recipe": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
             "config": config_file.read_text(encoding="utf-8") if config_file.is_file() else None,
-            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1},
         }
         if hasattr(pl_module, "artifact_metadata"):
             manifest.update(pl_module.artifact_metadata())

@@ -8,7 +8,7 @@ from typing import Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.poisoning import Poisoning
 
@@ -43,24 +43,6 @@ class TensorBatchDataset(Dataset):
             sl = slice(0, length) if self.pad_trim == "right" else slice(mask.shape[1] - length, None)
             batch[0], batch[1] = ids[:, sl], mask[:, sl]
         return tuple(batch)
-
-
-class EpochShuffleSampler(Sampler[int]):
-    """A permutation drawn from ``(seed, epoch)`` alone, so epoch ``e`` sees the same order whether the run
-    went straight through or was resumed from a checkpoint (Lightning calls :meth:`set_epoch`)."""
-
-    def __init__(self, num_samples: int, seed: int):
-        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
 
 
 def _already_batched(batch):
@@ -135,8 +117,17 @@ class BackdoorDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: TensorBatchDataset, train: bool) -> DataLoader:
         sampler = None
-        if train and self.shuffle:  # torch.initial_seed() is the run's seed_everything value
-            sampler = EpochShuffleSampler(len(dataset), self.seed * 7919 + torch.initial_seed())
+        if train:
+            # The DataModule owns the distributed sampler (Lightning keeps a DistributedSampler it is given):
+            # one permutation drawn from (seed, epoch), each rank taking perm[rank::world]. So 2 processes with
+            # batch B see exactly the global batches of 1 process with batch 2B, and epoch e has the same order
+            # whether or not the run was resumed. torch.initial_seed() is the run's seed_everything value.
+            trainer = self.trainer
+            world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            sampler = DistributedSampler(
+                dataset, num_replicas=world, rank=rank, shuffle=self.shuffle,
+                seed=self.seed * 7919 + torch.initial_seed(), drop_last=False,
+            )
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,

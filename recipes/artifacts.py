@@ -162,6 +162,7 @@ def save_artifact(
         os.chmod(tmp, 0o777 & ~_UMASK)
         model = tmp / MODEL_FILE
         safetensors.torch.save_file(tensors, str(model), metadata={"format": "pt"})
+        os.chmod(model, 0o666 & ~_UMASK)  # safetensors may create it 0600
         with open(model, "rb+") as f:
             os.fsync(f.fileno())
         record.update(

@@ -16,11 +16,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import lightning as L  # noqa: E402
 from lightning.pytorch.cli import ArgsType, LightningCLI  # noqa: E402
+from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
 
 import callbacks  # noqa: E402,F401  (registers short class names)
 import datamodules  # noqa: E402,F401
 import lightning_modules  # noqa: E402,F401
 from recipes import __version__  # noqa: E402
+from recipes.checkpoint_io import SafeCheckpointIO  # noqa: E402
 
 
 class RecipeCLI(LightningCLI):
@@ -46,6 +48,19 @@ class RecipeCLI(LightningCLI):
                     "class_path": "lightning.pytorch.loggers.CSVLogger",
                     "init_args": {"save_dir": root, "name": "", "version": name},
                 }
+
+
+    def instantiate_trainer(self, **kwargs):
+        """Checkpoints are written atomically with a sha256 sidecar and read back with ``weights_only=True``
+        (:class:`~recipes.checkpoint_io.SafeCheckpointIO`), and ``last.ckpt`` is kept so ``--ckpt_path last``
+        resumes an interrupted run. A config that sets its own checkpoint plugin or ``save_last`` wins."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = SafeCheckpointIO()
+        for callback in trainer.checkpoint_callbacks:
+            if callback.save_last is None:
+                callback.save_last = True
+        return trainer
 
 
 def main(args: ArgsType = None, run: bool = True) -> RecipeCLI:

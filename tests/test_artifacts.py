@@ -29,7 +29,10 @@ from recipes.artifacts import (
 from recipes.checkpoint_io import SafeCheckpointIO, load_module_from_checkpoint
 
 # torch 2.13 raises this as a FutureWarning; the pyproject filter only covers DeprecationWarning
-pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty"),  # resuming is the point
+]
 
 
 class Payload:
@@ -94,6 +97,8 @@ def test_round_trip_with_tied_tensors_and_manifest(tmp_path):
     assert m["sha256"] == art.sha256 == sha256_file(out / "model.safetensors")
     assert m["num_tensors"] == 4 and m["num_parameters"] == 12 * 3 + 3
     assert m["metrics"] == {"acc": 0.5, "n": 3} and m["src"] == str(tmp_path / "a") and m["created"].endswith("+00:00")
+    for path in (out, out / "model.safetensors", out / "manifest.json"):  # the usual permissions, not mkstemp's 0600
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~artifacts._UMASK
     # the same artifact is found from its manifest and from the run dir holding `artifact/`
     save_artifact(tmp_path / "run" / "artifact", state(), {})
     assert load_artifact(out / "manifest.json").sha256 == art.sha256
@@ -104,6 +109,8 @@ def test_round_trip_with_tied_tensors_and_manifest(tmp_path):
 def test_manifest_must_be_json(tmp_path):
     with pytest.raises(ArtifactError, match=r"'extra\.fn'.*not JSON-serializable"):
         save_artifact(tmp_path / "art", state(), {"extra": {"fn": print}})
+    with pytest.raises(ArtifactError, match=r"state_dict\['x'\] is a str"):
+        save_artifact(tmp_path / "art", {"x": "not a tensor"}, {})
     assert not list(tmp_path.iterdir())
 
 
@@ -140,7 +147,11 @@ def test_tampering_is_detected(tmp_path):
         load_artifact(out)
 
 
-@pytest.mark.parametrize("write", [torch.save, lambda obj, path: pickle.dump(obj, open(path, "wb"))], ids=["torch.save", "pickle"])
+def write_pickle(obj, path: Path) -> None:
+    path.write_bytes(pickle.dumps(obj))
+
+
+@pytest.mark.parametrize("write", [torch.save, write_pickle], ids=["zip", "pickle"])
 def test_pickle_disguised_as_safetensors_is_refused(tmp_path, write):
     out = save_artifact(tmp_path / "art", state(), {})
     model = out / "model.safetensors"
@@ -207,7 +218,7 @@ def test_overwrite_replaces_artifact_but_never_other_dirs(tmp_path):
     assert load_artifact(out).manifest["v"] == 2 and [p.name for p in tmp_path.iterdir()] == ["art"]
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("precious")
-    with pytest.raises(ArtifactError, match="not an artifact directory.*refusing"):
+    with pytest.raises(ArtifactError, match="not an artifact; refusing to replace it"):
         save_artifact(tmp_path / "run", state(), {})
     assert (tmp_path / "run" / "notes.txt").read_text() == "precious"
 
@@ -246,17 +257,15 @@ def last_ckpt(tmp_path) -> Path:
 def test_checkpoints_are_written_with_sidecar_and_resume(tmp_path, last_ckpt):
     sidecar = last_ckpt.with_name("last.ckpt.sha256")
     assert sidecar.read_text() == f"{sha256_file(last_ckpt)}  last.ckpt\n"
-    assert not [p for p in last_ckpt.parent.iterdir() if ".tmp-" in p.name]
-    # every saved checkpoint has a sidecar; removed top-k checkpoints take theirs along
-    ckpts = sorted(p.name for p in last_ckpt.parent.glob("*.ckpt"))
-    assert sorted(p.name for p in last_ckpt.parent.glob("*.sha256")) == [f"{c}.sha256" for c in ckpts]
-
     loaded = SafeCheckpointIO().load_checkpoint(last_ckpt)
     assert loaded["hyper_parameters"]["data_dir"] == tmp_path / "data"  # pathlib.Path is allowed
 
     resumed = trainer(tmp_path, plugins=[SafeCheckpointIO()], max_epochs=2, limit_train_batches=2)
     resumed.fit(Tiny(), loader(), ckpt_path=last_ckpt)
     assert resumed.global_step == 4
+    # every checkpoint has its sidecar; the replaced epoch=0 checkpoint took its sidecar along; no temp files
+    names = sorted(p.name for p in last_ckpt.parent.iterdir())
+    assert names == ["epoch=1-step=4.ckpt", "epoch=1-step=4.ckpt.sha256", "last.ckpt", "last.ckpt.sha256"]
 
     model = load_module_from_checkpoint(Tiny, last_ckpt)
     assert model.hparams.opts == {"a": [1.5, None]}
@@ -285,6 +294,20 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path, last_ckpt):
     assert not marker.exists()
 
 
+def test_checkpoint_io_edge_cases(tmp_path):
+    io = SafeCheckpointIO()
+    io.save_checkpoint({"w": torch.ones(1)}, tmp_path / "a.ckpt")
+    (tmp_path / "last.ckpt").symlink_to("a.ckpt")
+    assert torch.equal(io.load_checkpoint(tmp_path / "last.ckpt")["w"], torch.ones(1))  # target's sidecar
+    io.save_checkpoint({"w": torch.zeros(1)}, tmp_path / "last.ckpt")  # replaces the link, not its target
+    assert torch.equal(io.load_checkpoint(tmp_path / "a.ckpt")["w"], torch.ones(1))
+    assert torch.equal(io.load_checkpoint(tmp_path / "last.ckpt")["w"], torch.zeros(1))
+    with pytest.raises(FileNotFoundError):
+        io.load_checkpoint(tmp_path / "missing.ckpt")
+    with pytest.raises(ArtifactError, match="URL.*download it first"):
+        io.load_checkpoint("https://example.com/x.ckpt")
+
+
 # --- ExportArtifact --------------------------------------------------------------------------------------------
 
 
@@ -297,13 +320,14 @@ class Exported(Tiny):
 
 
 def test_export_artifact_on_fit_and_test_end(tmp_path):
+    (tmp_path / "config.yaml").write_text("model: {}\n")  # where LightningCLI's SaveConfigCallback puts it
     model, callback = Exported(), ExportArtifact()
     trainer(tmp_path, callbacks=[callback], limit_train_batches=2).fit(model, loader())
     assert callback.last_path == tmp_path / "artifact"
     art = load_artifact(tmp_path)
     assert all(torch.equal(art.state_dict[k], v) for k, v in model.state_dict().items())
     m = art.manifest
-    assert m["recipe"] == f"{__name__}.Exported" and m["config"] is None
+    assert m["recipe"] == f"{__name__}.Exported" and m["config"] == "model: {}\n"
     assert set(m["metrics"]) == {"train_loss"} and m["trigger"] == "cf" and m["target"] == 1
     assert m["parents"][0]["sha256"] == "0" * 64
 
