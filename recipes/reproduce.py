@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from recipes.artifacts import atomic_write_text
@@ -175,11 +175,24 @@ def reproduce(
     out: Path = Path("docs/results"),
     tiny: bool = False,
     force: bool = False,
+    only: str | None = None,
 ) -> str:
-    """Run comparison ``name`` and write ``<out>/<name>.md`` and ``<out>/<name>.png``; return the table."""
+    """Run comparison ``name`` and write ``<out>/<name>.md`` and ``<out>/<name>.png``; return the table.
+
+    ``only`` keeps the stages whose key starts with it (e.g. ``mnist``); their table goes to
+    ``<out>/<name>-<only>.md`` so a partial run never overwrites the full one.
+    """
     if name not in COMPARISONS:
         raise SystemExit(f"unknown comparison {name!r}; choose one of: {', '.join(COMPARISONS)}")
     comp = COMPARISONS[name]
+    if only:
+        stages = [s for s in comp.stages if s.key.startswith(only)]
+        if not stages:
+            raise SystemExit(f"no stage of {name!r} starts with {only!r}: {[s.key for s in comp.stages]}")
+        comp = replace(comp, stages=stages)
+        name_out = f"{name}-{only.replace('/', '_')}"
+    else:
+        name_out = name
     seeds = list(seeds if seeds is not None else comp.seeds)
     config_root = Path("tests/configs" if tiny else "configs")
     root = root / name
@@ -193,11 +206,12 @@ def reproduce(
     table = summarize(comp, results)
     out.mkdir(parents=True, exist_ok=True)
     doc = (
-        f"# {comp.title}\n\n`python -m recipes.reproduce {name}`{' --tiny' if tiny else ''}, seeds {seeds}; "
+        f"# {comp.title}\n\n`python -m recipes.reproduce {name}`{' --tiny' if tiny else ''}"
+        f"{f' --only {only}' if only else ''}, seeds {seeds}; "
         f"this invocation took {total:.0f} s (cached stages count as 0).\n\n{table}\n\n{comp.notes}\n\n![{name}]({name}.png)\n"
     )
-    atomic_write_text(out / f"{name}.md", doc)
-    (comp.plot or (lambda r, p: bar_plot(comp, r, p)))(results, out / f"{name}.png")
+    atomic_write_text(out / f"{name_out}.md", doc.replace(f"]({name}.png)", f"]({name_out}.png)"))
+    (comp.plot or (lambda r, p: bar_plot(comp, r, p)))(results, out / f"{name_out}.png")
     print(table)
     return table
 
@@ -210,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/results"), help="where the table and plot go")
     parser.add_argument("--tiny", action="store_true", help="use the tiny twins in tests/configs (a smoke run)")
     parser.add_argument("--force", action="store_true", help="rerun stages that already have a result")
+    parser.add_argument("--only", default=None, help="run only the stages whose key starts with this (e.g. mnist)")
     args = parser.parse_args(argv)
-    reproduce(args.name, args.seeds, args.root, args.out, args.tiny, args.force)
+    reproduce(args.name, args.seeds, args.root, args.out, args.tiny, args.force, args.only)
     return 0
 
 

