@@ -1,6 +1,7 @@
 """LightningDataModules, triggers and poisoning (data transformations)."""
 
 from datamodules.base import BackdoorDataModule, TensorBatchDataset
+from datamodules.federated import FederatedDataModule
 from datamodules.images import ImageClassificationDataModule
 from datamodules.poisoning import Poisoning
 from datamodules.text import TextClassificationDataModule, load_tokenizer
@@ -9,6 +10,7 @@ from datamodules.triggers import Blend, ImageTrigger, InsertSentence, Patch, Pix
 __all__ = [
     "BackdoorDataModule",
     "Blend",
+    "FederatedDataModule",
     "ImageClassificationDataModule",
     "ImageTrigger",
     "InsertSentence",

@@ -2,7 +2,44 @@
 
 from lightning_modules.base import BaseRecipe
 from lightning_modules.classifier import ClassifierRecipe
+from lightning_modules.federated import (
+    Aggregator,
+    Attack,
+    FedAvg,
+    FederatedRecipe,
+    Flame,
+    Krum,
+    LocalTrainer,
+    Median,
+    NaivePoisoning,
+    Neurotoxin,
+    NormClipping,
+    PGDPoisoning,
+    ServerDefense,
+    TrimmedMean,
+)
 from lightning_modules.metrics import AttackSuccessRate
 from lightning_modules.nets import HFSequenceClassifier, LoraSpec, MnistCNN
 
-__all__ = ["AttackSuccessRate", "BaseRecipe", "ClassifierRecipe", "HFSequenceClassifier", "LoraSpec", "MnistCNN"]
+__all__ = [
+    "Aggregator",
+    "Attack",
+    "AttackSuccessRate",
+    "BaseRecipe",
+    "ClassifierRecipe",
+    "FedAvg",
+    "FederatedRecipe",
+    "Flame",
+    "HFSequenceClassifier",
+    "Krum",
+    "LocalTrainer",
+    "LoraSpec",
+    "Median",
+    "MnistCNN",
+    "NaivePoisoning",
+    "Neurotoxin",
+    "NormClipping",
+    "PGDPoisoning",
+    "ServerDefense",
+    "TrimmedMean",
+]

@@ -177,9 +177,11 @@ class LocalTrainer:
         self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator,
         transform: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
         after_step: Callable[[nn.Module], None] | None = None,
+        loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None,
     ) -> None:  # fmt: skip
-        """Train ``model`` in place on ``(x, y)``; ``transform`` edits each batch (poisoning) and
-        ``after_step`` runs after every optimizer step (projections)."""
+        """Train ``model``'s trainable parameters in place on ``(x, y)``. Hooks for attacks: ``transform`` edits
+        each batch (poisoning), ``after_step`` runs after every optimizer step (projections), ``loss_fn(model,
+        xb, yb)`` replaces the cross-entropy (e.g. a contrastive loss)."""
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         model.train()
@@ -191,7 +193,7 @@ class LocalTrainer:
                 xb, yb = x[idx], y[idx]
                 if transform is not None:
                     xb, yb = transform(xb, yb)
-                loss = F.cross_entropy(model(xb), yb)
+                loss = F.cross_entropy(model(xb), yb) if loss_fn is None else loss_fn(model, xb, yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -538,6 +540,8 @@ class FederatedRecipe(BaseRecipe):
         with torch.no_grad():
             for dst, src in zip(model.state_dict().values(), self.net.state_dict().values()):
                 dst.copy_(src)
+            for p, g in zip(model.parameters(), self.net.parameters()):  # undo an attack's freezing
+                p.requires_grad_(g.requires_grad)
         global_params = [p.detach() for p in self.net.parameters()]
         global_flat = parameters_to_vector(global_params)
         x, y = (t.to(self.device) for t in dm.client_data(client))

@@ -138,12 +138,13 @@ def test_bad_partition_fails_at_construction():
 def test_naive_poisoning_plants_a_backdoor_under_fedavg():
     kw = dict(clients_per_round=10, local=LocalTrainer(lr=0.05, local_epochs=2, batch_size=32))
     results = {}
-    for name, attack in {"clean": None, "attacked": NaivePoisoning([0, 1], poison_fraction=0.5)}.items():
-        trainer = fit(make_recipe(attack=attack, **kw), make_dm(rounds_per_epoch=8), rounds=8, validate=True)
+    attacks = {"clean": None, "attacked": NaivePoisoning([0, 1], poison_fraction=0.5, local_epochs=4)}
+    for name, attack in attacks.items():  # 2 of 10 clients, every round, 20 rounds
+        trainer = fit(make_recipe(attack=attack, **kw), make_dm(rounds_per_epoch=20), rounds=20, validate=True)
         results[name] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     clean, attacked = results["clean"], results["attacked"]
     assert clean["val/acc"] > 0.8 and attacked["val/acc"] > 0.8, results
-    assert clean["val/asr"] < 0.2 and attacked["val/asr"] > clean["val/asr"] + 0.5, results
+    assert clean["val/asr"] < 0.1 and attacked["val/asr"] > 0.8, results
 
 
 def _malicious_updates(recipe, round=0):
@@ -155,11 +156,11 @@ def _malicious_updates(recipe, round=0):
 
 
 def test_pgd_keeps_the_update_in_the_ball():
-    attack = PGDPoisoning([0], radius=0.2, lr=0.1, local_epochs=2, scale=5.0)
+    attack = PGDPoisoning([0], radius=0.05, lr=0.1, local_epochs=2, scale=5.0)
     update, out = _malicious_updates(make_recipe(attack=attack))
-    assert update.norm() <= 0.2 + 1e-5
-    assert update.norm() > 0.19, "the boosted update uses the whole budget"
-    assert out["updates"][~out["malicious"]].norm(dim=1).max() > 0.2, "benign updates are not constrained"
+    assert update.norm() <= 0.05 + 1e-6
+    assert update.norm() > 0.049, "the boosted update uses the whole budget"
+    assert out["updates"][~out["malicious"]].norm(dim=1).min() > 0.05, "benign updates are not constrained"
 
 
 @pytest.mark.parametrize("radius", [float("inf"), 0.3])
@@ -179,6 +180,7 @@ def test_neurotoxin_first_round_masks_by_the_clean_gradient():
     assert (update == 0).float().mean() >= 0.2
 
 
+@pytest.mark.filterwarnings("ignore:Checkpoint directory")
 def test_resume_matches_the_uninterrupted_run(tmp_path):
     def run(rounds, root, ckpt_path=None):
         recipe = make_recipe(attack=NaivePoisoning([0], start_round=1), aggregator=NormClipping(1.0, 0.001))
@@ -217,3 +219,24 @@ def test_datamodule_clients_poisoning_and_loaders():
     clean, triggered = dm.val_dataloader()
     assert len(triggered.dataset) == int((dm.val_sets[0].tensors[1] != 0).sum())
     assert [b[0].item() for b in dm.train_dataloader()] == [0, 1, 2]
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    """Two gloo processes split each round's clients (client j on rank j % 2) and all-gather the updates: the
+    global model equals the single-process one bit for bit (attack rounds and aggregation noise included)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, TINY, artifact_of
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for name, extra in {"single": [], "ddp": ["--config", str(REPO / "configs" / "trainer" / "ddp_cpu.yaml")]}.items():
+        cmd = [sys.executable, "-m", "recipes", "fit", "--config", str(TINY / "fl" / "mnist_normclip_naive.yaml"),
+               *extra, f"--trainer.default_root_dir={tmp_path}", f"--run_name={name}"]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    single, ddp = artifact_of(tmp_path, "single").state_dict, artifact_of(tmp_path, "ddp").state_dict
+    assert "devices: 2" in artifact_of(tmp_path, "ddp").manifest["config"]
+    for k in single:
+        assert torch.equal(single[k], ddp[k]), k
