@@ -101,6 +101,11 @@ class BackdoorDataModule(L.LightningDataModule):
                 out["poisoning"]["num_poisoned"] = int(self.poison_mask.sum())
         return out
 
+    @staticmethod
+    def head(size: int | None, total: int) -> int:
+        """How many of the first samples of a fixed split to use: ``size`` capped at ``total`` (``None``: all)."""
+        return total if size is None else min(size, total)
+
     def split(self, n: int, sizes: list[int | None]) -> list[torch.Tensor]:
         """Seeded disjoint index sets of the given sizes (``None``: all that remains) out of ``range(n)``."""
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))

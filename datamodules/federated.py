@@ -114,7 +114,7 @@ class FederatedDataModule(BackdoorDataModule):
             self.client_test_idx.append(part[:n_test].sort().values)
             self.client_train_idx.append(part[n_test:].sort().values)
 
-        n_test = len(raw.test_y) if self.test_size is None else min(self.test_size, len(raw.test_y))
+        n_test = self.head(self.test_size, len(raw.test_y))
         x_test, y_test = raw.test_x[:n_test].float().div_(255.0).unsqueeze(1), raw.test_y[:n_test]
         self.val_sets = [TensorBatchDataset(self.normalize(x_test), y_test)]
         if self.poisoning is not None:

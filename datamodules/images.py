@@ -60,7 +60,7 @@ class ImageClassificationDataModule(BackdoorDataModule):
         val_idx, train_idx = self.split(len(raw.train_y), [self.val_size, self.train_size])
         x_train, y_train = to_float(raw.train_x[train_idx]), raw.train_y[train_idx]
         x_val, y_val = to_float(raw.train_x[val_idx]), raw.train_y[val_idx]
-        n_test = len(raw.test_y) if self.test_size is None else min(self.test_size, len(raw.test_y))
+        n_test = self.head(self.test_size, len(raw.test_y))
         x_test, y_test = to_float(raw.test_x[:n_test]), raw.test_y[:n_test]
         self.mean, self.std = float(x_train.mean()), float(x_train.std())
         norm = lambda x: (x - self.mean) / self.std  # noqa: E731

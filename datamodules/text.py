@@ -95,7 +95,7 @@ class TextClassificationDataModule(BackdoorDataModule):
         val_idx, train_idx = self.split(len(raw.train_y), [self.val_size, self.train_size])
         pick = lambda idx: ([raw.train_texts[i] for i in idx.tolist()], raw.train_y[idx])  # noqa: E731
         (train_texts, y_train), (val_texts, y_val) = pick(train_idx), pick(val_idx)
-        n_test = len(raw.test_y) if self.test_size is None else min(self.test_size, len(raw.test_y))
+        n_test = self.head(self.test_size, len(raw.test_y))
         test_texts, y_test = raw.test_texts[:n_test], raw.test_y[:n_test]
 
         if self.poisoning is not None:
