@@ -1,0 +1,84 @@
+"""Benign local training and what a client sees in a round."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LocalTrainer:
+    """Benign local training: SGD with momentum and weight decay on cross-entropy, reshuffled every epoch.
+
+    Args:
+        lr: learning rate.
+        momentum: SGD momentum.
+        weight_decay: L2 weight decay.
+        local_epochs: passes over the client's data.
+        batch_size: local batch size.
+        max_steps: stop after this many steps in total (``None``: run all epochs).
+    """
+
+    def __init__(
+        self, lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 5e-4, local_epochs: int = 1,
+        batch_size: int = 64, max_steps: int | None = None,
+    ):  # fmt: skip
+        if lr <= 0 or local_epochs < 1 or batch_size < 1 or (max_steps is not None and max_steps < 1):
+            raise ValueError("LocalTrainer needs lr > 0, local_epochs >= 1, batch_size >= 1 and max_steps >= 1")
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.local_epochs, self.batch_size, self.max_steps = local_epochs, batch_size, max_steps
+
+    def with_overrides(self, lr: float | None = None, local_epochs: int | None = None) -> LocalTrainer:
+        """A copy with another learning rate or epoch count (``None`` keeps this trainer's)."""
+        out = copy.copy(self)
+        out.lr = self.lr if lr is None else lr
+        out.local_epochs = self.local_epochs if local_epochs is None else local_epochs
+        return out
+
+    def train(
+        self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator,
+        transform: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+        after_step: Callable[[nn.Module], None] | None = None,
+        loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None,
+    ) -> None:  # fmt: skip
+        """Train ``model``'s trainable parameters in place on ``(x, y)``. Hooks for attacks: ``transform`` edits
+        each batch (poisoning), ``after_step`` runs after every optimizer step (projections), ``loss_fn(model,
+        xb, yb)`` replaces the cross-entropy (e.g. a contrastive loss)."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        model.train()
+        steps = 0
+        for _ in range(self.local_epochs):
+            perm = torch.randperm(len(y), generator=generator).to(y.device)
+            for start in range(0, len(y), self.batch_size):
+                idx = perm[start : start + self.batch_size]
+                xb, yb = x[idx], y[idx]
+                if transform is not None:
+                    xb, yb = transform(xb, yb)
+                loss = F.cross_entropy(model(xb), yb) if loss_fn is None else loss_fn(model, xb, yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if after_step is not None:
+                    after_step(model)
+                steps += 1
+                if self.max_steps is not None and steps >= self.max_steps:
+                    return
+
+
+@dataclass
+class ClientContext:
+    """What a client knows in a round: the broadcast global model and the previous server step."""
+
+    round: int
+    client: int
+    global_params: list[Tensor]  # the global model's parameters (read-only)
+    global_flat: Tensor
+    last_server_update: Tensor | None  # G_t − G_{t−1}, None in the first round
+    datamodule: Any  # a FederatedDataModule (client data, poison_batch)
+    local: LocalTrainer
+    generator: torch.Generator
