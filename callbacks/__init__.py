@@ -1,5 +1,7 @@
 """Callbacks: evaluation that spans runs, plots, artifact export, preemption."""
 
 from callbacks.artifact import ExportArtifact
+from callbacks.preemption import CheckpointOnPreemption
+from callbacks.round_curves import RoundCurves, plot_curves
 
-__all__ = ["ExportArtifact"]
+__all__ = ["CheckpointOnPreemption", "ExportArtifact", "RoundCurves", "plot_curves"]

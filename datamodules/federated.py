@@ -14,9 +14,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
 
-from datamodules.base import BackdoorDataModule, TensorBatchDataset, _already_batched
+from datamodules.base import BackdoorDataModule, TensorBatchDataset
 from datamodules.poisoning import Poisoning
 from datamodules.sources import load_image_dataset
 from datamodules.triggers import ImageTrigger
@@ -177,12 +176,36 @@ class FederatedDataModule(BackdoorDataModule):
         return out
 
     # ----------------------------------------------------------------------------- loaders
-    def train_dataloader(self) -> DataLoader:
-        """``rounds_per_epoch`` placeholders ``0..rounds_per_epoch-1``, one per round, on every rank.
+    def train_dataloader(self) -> RoundLoader:
+        """``rounds_per_epoch`` round placeholders, the same on every rank (each rank runs every round and
+        trains its share of the round's clients); resumable mid-epoch (see :class:`RoundLoader`)."""
+        return RoundLoader(self.rounds_per_epoch)
 
-        A ``DistributedSampler`` over one replica is passed so that Lightning keeps it under DDP instead of
-        sharding the rounds: every rank runs every round (and handles its share of the round's clients).
-        """
-        rounds = TensorBatchDataset(torch.arange(self.rounds_per_epoch))
-        sampler = DistributedSampler(rounds, num_replicas=1, rank=0, shuffle=False)
-        return DataLoader(rounds, batch_size=1, sampler=sampler, collate_fn=_already_batched)
+
+class RoundLoader:
+    """An epoch of ``rounds`` placeholder batches (``tensor([i])``) that Lightning can checkpoint and resume.
+
+    It implements ``state_dict``/``load_state_dict``, so a run preempted in the middle of an evaluation period
+    resumes with the rest of that period (validation stays on the same rounds as in an uninterrupted run).
+    Not a ``DataLoader``, so Lightning never shards it under DDP.
+    """
+
+    def __init__(self, rounds: int) -> None:
+        self.rounds = rounds
+        self._start = 0  # where the next iteration begins (set by load_state_dict)
+        self._position = 0  # placeholders yielded in the current epoch
+
+    def __len__(self) -> int:
+        return self.rounds
+
+    def __iter__(self):
+        start, self._start = self._start, 0
+        for i in range(start, self.rounds):
+            self._position = i + 1
+            yield torch.tensor([i])
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self._position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._start = state["position"] % self.rounds

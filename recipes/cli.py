@@ -19,6 +19,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI  # noqa: E402
 from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
 
 import callbacks  # noqa: E402,F401  (registers short class names)
+from callbacks.preemption import CheckpointOnPreemption  # noqa: E402
 import datamodules  # noqa: E402,F401
 import lightning_modules  # noqa: E402,F401
 from recipes import __version__  # noqa: E402
@@ -49,17 +50,19 @@ class RecipeCLI(LightningCLI):
                     "init_args": {"save_dir": root, "name": "", "version": name},
                 }
 
-
     def instantiate_trainer(self, **kwargs):
         """Checkpoints are written atomically with a sha256 sidecar and read back with ``weights_only=True``
-        (:class:`~recipes.checkpoint_io.SafeCheckpointIO`), and ``last.ckpt`` is kept so ``--ckpt_path last``
-        resumes an interrupted run. A config that sets its own checkpoint plugin or ``save_last`` wins."""
+        (:class:`~recipes.checkpoint_io.SafeCheckpointIO`), ``last.ckpt`` is kept so ``--ckpt_path last``
+        resumes an interrupted run, and SIGTERM saves it first (:class:`~callbacks.CheckpointOnPreemption`).
+        A config that sets its own checkpoint plugin, ``save_last`` or preemption callback wins."""
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = SafeCheckpointIO()
         for callback in trainer.checkpoint_callbacks:
             if callback.save_last is None:
                 callback.save_last = True
+        if trainer.checkpoint_callbacks and not any(isinstance(c, CheckpointOnPreemption) for c in trainer.callbacks):
+            trainer.callbacks.append(CheckpointOnPreemption())
         return trainer
 
 

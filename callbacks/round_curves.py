@@ -1,0 +1,122 @@
+"""Per-round curves of a federated run: main accuracy (MA) and backdoor accuracy (BA), attack window shaded."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+
+from recipes.artifacts import atomic_write_text
+
+
+def plot_curves(
+    runs: dict[str, dict[str, Any]], path: Path, title: str = "", threshold: float | None = None
+) -> None:
+    """Plot MA (dashed) and BA (solid) of several runs on one axis and save a PNG atomically.
+
+    ``runs`` maps a label to a curves record as written by :class:`RoundCurves` (``rounds``, ``ma``, ``ba``,
+    ``attack_rounds``); the attack rounds of the first run that has any are shaded.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    shaded = False
+    for i, (label, rec) in enumerate(runs.items()):
+        color = f"C{i % 10}"
+        rounds = rec["rounds"]
+        if rec.get("ba") and any(v is not None for v in rec["ba"]):
+            ax.plot(rounds, [100 * v if v is not None else math.nan for v in rec["ba"]], color=color, lw=1.8,
+                    label=f"{label} BA")  # fmt: skip
+        ax.plot(rounds, [100 * v if v is not None else math.nan for v in rec["ma"]], color=color, lw=1.0, ls="--",
+                label=f"{label} MA")  # fmt: skip
+        attack = sorted(rec.get("attack_rounds", []))
+        if attack and not shaded:
+            for start, stop in _spans(attack):
+                ax.axvspan(start, stop + 1, color="red", alpha=0.08, lw=0)
+            ax.axvspan(0, 0, color="red", alpha=0.08, label="attack rounds")
+            shaded = True
+    if threshold is not None:
+        ax.axhline(100 * threshold, color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("round")
+    ax.set_ylabel("%")
+    ax.set_ylim(-2, 102)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=2, loc="center right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _spans(rounds: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive integers: ``[1, 2, 3, 7]`` -> ``[(1, 3), (7, 7)]``."""
+    spans: list[tuple[int, int]] = []
+    for r in rounds:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1] = (spans[-1][0], r)
+        else:
+            spans.append((r, r))
+    return spans
+
+
+class RoundCurves(pl.Callback):
+    """Records MA (``val/acc``) and BA (``val/asr``) after every validation, indexed by rounds completed, and the
+    rounds in which the attack was active (``round/attack_active``); writes ``<log dir>/<stem>.json`` and a PNG
+    plot with the attack window shaded at the end of fit (and after every validation if ``every_validation``).
+    The record is part of the checkpoint, so a resumed run continues the same curve.
+
+    Args:
+        stem: File name stem of the JSON record and the PNG plot.
+        every_validation: Rewrite both files after every validation, not only at the end of fit.
+        title: Plot title (default: the run directory's name).
+    """
+
+    def __init__(self, stem: str = "curves", every_validation: bool = True, title: str | None = None) -> None:
+        self.stem, self.every_validation, self.title = stem, every_validation, title
+        self.record: dict[str, list] = {"rounds": [], "ma": [], "ba": [], "attack_rounds": []}
+        self.out_dir: Optional[Path] = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        active = trainer.callback_metrics.get("round/attack_active")
+        if active is not None and float(active) > 0:
+            self.record["attack_rounds"].append(trainer.global_step - 1)  # the round that just ran
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        m = trainer.callback_metrics
+        step = trainer.global_step
+        if self.record["rounds"] and self.record["rounds"][-1] == step:  # validated twice at one step
+            for key in ("rounds", "ma", "ba"):
+                self.record[key].pop()
+        self.record["rounds"].append(step)
+        self.record["ma"].append(float(m["val/acc"]) if "val/acc" in m else None)
+        self.record["ba"].append(float(m["val/asr"]) if "val/asr" in m else None)
+        if self.every_validation:
+            self.write(trainer)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.write(trainer)
+
+    def write(self, trainer: pl.Trainer) -> None:
+        out = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir is a collective under DDP: every rank
+        if not trainer.is_global_zero or not self.record["rounds"]:
+            return
+        self.out_dir = out
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / f"{self.stem}.json", json.dumps(self.record))
+        plot_curves({"": self.record}, out / f"{self.stem}.png", self.title or out.name)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"record": self.record}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.record = state_dict["record"]
