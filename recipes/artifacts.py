@@ -232,13 +232,16 @@ def _verify(
         raise ArtifactError(f"{model} is missing: the artifact is incomplete; re-export or re-download it")
     with open(model, "rb") as f:  # judge by the first bytes, before any parser sees the file
         head = f.read(9)
-    if head[:1] == b"\x80" or head[:2] == b"PK":
+    # safetensors: an 8-byte little-endian header length, then the JSON header. Its first byte may be 0x80 (a
+    # header of 128 + 256k bytes), like a pickle's protocol marker, so the layout is checked first.
+    is_safetensors = len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < model.stat().st_size
+    if not is_safetensors and (head[:1] == b"\x80" or head[:2] == b"PK"):
         kind = "a pickle" if head[:1] == b"\x80" else "a torch.save (zip of pickles)"
         raise ArtifactError(
             f"{model} is {kind} file, not safetensors; pickles can execute code when loaded and are refused. "
             f"Fix: {REEXPORT_HINT}."
         )
-    if head[8:9] != b"{":  # safetensors: 8-byte header length, then the JSON header
+    if not is_safetensors:
         raise ArtifactError(f"{model} is not a safetensors file (unrecognised header): {REEXPORT_HINT}")
     if check_hash:
         actual = sha256_file(model)

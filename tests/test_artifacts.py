@@ -163,6 +163,19 @@ def test_pickle_disguised_as_safetensors_is_refused(tmp_path, write):
         load_artifact(out)
 
 
+def test_safetensors_whose_header_length_starts_with_the_pickle_byte_loads(tmp_path):
+    """A header of 128 + 256k bytes makes the file start with 0x80, a pickle's first byte: still safetensors."""
+    for n in range(1, 200):  # grow the header (key names) until its length's low byte is 0x80
+        tensors = {f"layer_{i}.weight": torch.full((2,), float(i)) for i in range(n)}
+        out = save_artifact(tmp_path / f"art{n}", tensors, {})
+        if (out / "model.safetensors").read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.fail("no header length with low byte 0x80 was produced")
+    loaded = load_artifact(out).state_dict
+    assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+
+
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-pickle"])
 def test_safe_torch_load_never_runs_pickled_code(tmp_path, legacy):
     marker = tmp_path / "pwned"
