@@ -13,33 +13,36 @@ from recipes.artifacts import atomic_write_text
 
 
 def plot_curves(
-    runs: dict[str, dict[str, Any]], path: Path, title: str = "", threshold: float | None = None
+    runs: dict[str, dict[str, Any]], path: Path | None = None, title: str = "", threshold: float | None = None,
+    ax: Any = None,
 ) -> None:
-    """Plot MA (dashed) and BA (solid) of several runs on one axis and save a PNG atomically.
+    """Plot MA (dashed) and BA (solid) of several runs on one axis; save a PNG atomically to ``path`` if given.
 
     ``runs`` maps a label to a curves record as written by :class:`RoundCurves` (``rounds``, ``ma``, ``ba``,
-    ``attack_rounds``); the attack rounds of the first run that has any are shaded.
+    ``attack_rounds``); the attack rounds of the first run that has any are shaded. ``threshold`` (a BA level,
+    e.g. the lifespan threshold) is drawn as a dotted line.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(8.5, 4))
     shaded = False
     for i, (label, rec) in enumerate(runs.items()):
         color = f"C{i % 10}"
         rounds = rec["rounds"]
         if rec.get("ba") and any(v is not None for v in rec["ba"]):
             ax.plot(rounds, [100 * v if v is not None else math.nan for v in rec["ba"]], color=color, lw=1.8,
-                    label=f"{label} BA")  # fmt: skip
+                    label=f"{label} BA".strip())  # fmt: skip
         ax.plot(rounds, [100 * v if v is not None else math.nan for v in rec["ma"]], color=color, lw=1.0, ls="--",
-                label=f"{label} MA")  # fmt: skip
+                label=f"{label} MA".strip())  # fmt: skip
         attack = sorted(rec.get("attack_rounds", []))
         if attack and not shaded:
-            for start, stop in _spans(attack):
-                ax.axvspan(start, stop + 1, color="red", alpha=0.08, lw=0)
-            ax.axvspan(0, 0, color="red", alpha=0.08, label="attack rounds")
+            for k, (start, stop) in enumerate(_spans(attack)):
+                ax.axvspan(start, stop + 1, color="red", alpha=0.08, lw=0, label=None if k else "attack rounds")
             shaded = True
     if threshold is not None:
         ax.axhline(100 * threshold, color="gray", lw=0.8, ls=":")
@@ -47,13 +50,47 @@ def plot_curves(
     ax.set_ylabel("%")
     ax.set_ylim(-2, 102)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, ncol=2, loc="center right")
-    fig.tight_layout()
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    if fig is not None and path is not None:
+        fig.tight_layout()
+        save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Save a matplotlib figure as PNG through a temporary file (never a half-written plot) and close it."""
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
+
+
+def curve_summary(record: dict[str, Any], threshold: float = 0.5) -> dict[str, float]:
+    """Scalars of a curves record (fractions in [0, 1]; NaN where undefined).
+
+    ``ba_peak``: the highest BA evaluated; ``ba_attack_end``: BA at the first evaluation after the last attack
+    round; ``ba_final`` / ``ma_final``: at the last evaluation; ``ba_mean_after``: mean BA over the evaluations
+    after the attack window; ``lifespan``: rounds from the end of the attack window until the first evaluation
+    with BA below ``threshold`` (Chameleon's durability measure; if BA never falls below it, the rounds observed
+    so far, a lower bound).
+    """
+    rounds, ba, ma = record["rounds"], record["ba"], record["ma"]
+    out = {"ma_final": ma[-1] if ma else math.nan}
+    bas = [(r, v) for r, v in zip(rounds, ba) if v is not None]
+    if not bas:
+        return out
+    out["ba_peak"], out["ba_final"] = max(v for _, v in bas), bas[-1][1]
+    attack = record.get("attack_rounds") or []
+    if attack:
+        end = max(attack) + 1  # rounds completed when the window closed
+        after = [(r, v) for r, v in bas if r >= end]
+        out["ba_attack_end"] = after[0][1] if after else math.nan
+        out["ba_mean_after"] = sum(v for _, v in after) / len(after) if after else math.nan
+        below = [r for r, v in after if v < threshold]
+        out["lifespan"] = float((below[0] if below else rounds[-1]) - end)
+    return out
 
 
 def _spans(rounds: list[int]) -> list[tuple[int, int]]:
@@ -69,18 +106,26 @@ def _spans(rounds: list[int]) -> list[tuple[int, int]]:
 
 class RoundCurves(pl.Callback):
     """Records MA (``val/acc``) and BA (``val/asr``) after every validation, indexed by rounds completed, and the
-    rounds in which the attack was active (``round/attack_active``); writes ``<log dir>/<stem>.json`` and a PNG
-    plot with the attack window shaded at the end of fit (and after every validation if ``every_validation``).
-    The record is part of the checkpoint, so a resumed run continues the same curve.
+    rounds in which the attack was active (``round/attack_active``); writes ``<log dir>/<stem>.json`` (the record
+    and its :func:`curve_summary`: peak BA, BA when the attack window closed, backdoor lifespan, final MA/BA) and
+    a PNG plot with the attack window shaded, at the end of fit and, if ``every_validation``, after every
+    validation. The record is part of the checkpoint, so a resumed run continues the same curve.
 
     Args:
         stem: File name stem of the JSON record and the PNG plot.
         every_validation: Rewrite both files after every validation, not only at the end of fit.
         title: Plot title (default: the run directory's name).
+        lifespan_threshold: BA level below which the backdoor counts as gone (default 0.5: the backdoor no
+            longer fires on most triggered inputs; Neurotoxin and Chameleon report lifespans against such a
+            fixed BA level, and a clean MNIST model's BA for our triggers is below 1%).
     """
 
-    def __init__(self, stem: str = "curves", every_validation: bool = True, title: str | None = None) -> None:
+    def __init__(
+        self, stem: str = "curves", every_validation: bool = True, title: str | None = None,
+        lifespan_threshold: float = 0.5,
+    ) -> None:  # fmt: skip
         self.stem, self.every_validation, self.title = stem, every_validation, title
+        self.lifespan_threshold = lifespan_threshold
         self.record: dict[str, list] = {"rounds": [], "ma": [], "ba": [], "attack_rounds": []}
         self.out_dir: Optional[Path] = None
 
@@ -112,8 +157,9 @@ class RoundCurves(pl.Callback):
             return
         self.out_dir = out
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / f"{self.stem}.json", json.dumps(self.record))
-        plot_curves({"": self.record}, out / f"{self.stem}.png", self.title or out.name)
+        summary = curve_summary(self.record, self.lifespan_threshold)
+        atomic_write_text(out / f"{self.stem}.json", json.dumps({**self.record, "summary": summary}))
+        plot_curves({"": self.record}, out / f"{self.stem}.png", self.title or out.name, self.lifespan_threshold)
 
     def state_dict(self) -> dict[str, Any]:
         return {"record": self.record}

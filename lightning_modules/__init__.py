@@ -1,6 +1,7 @@
 """One LightningModule per method, grouped by family; pure tensor math in ``ops``, networks in ``nets``."""
 
 from lightning_modules.base import BaseRecipe
+from lightning_modules.chameleon import ChameleonAttack
 from lightning_modules.classifier import ClassifierRecipe
 from lightning_modules.federated import (
     Aggregator,
@@ -26,6 +27,7 @@ __all__ = [
     "Attack",
     "AttackSuccessRate",
     "BaseRecipe",
+    "ChameleonAttack",
     "ClassifierRecipe",
     "FedAvg",
     "FederatedRecipe",

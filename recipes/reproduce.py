@@ -52,6 +52,7 @@ class Comparison:
     seeds: tuple[int, ...] = (0, 1, 2)
     notes: str = ""
     plot: Callable[[dict, Path], None] | None = None
+    plain: tuple[str, ...] = ()  # metric keys shown as numbers, not percentages (e.g. a lifespan in rounds)
 
 
 def _substitute(arg: str, seed: int, root: Path) -> str:
@@ -85,7 +86,12 @@ def run_stage(stage: Stage, seed: int, root: Path, config_root: Path, force: boo
     cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     seconds = time.perf_counter() - start
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
-    result = {"stage": stage.key, "seed": seed, "metrics": metrics, "seconds": seconds, "args": args}
+    log_dir = Path(cli.trainer.log_dir or run_dir)
+    if (log_dir / "curves.json").exists():  # federated runs: peak BA, lifespan, ... (callbacks.RoundCurves)
+        summary = json.loads((log_dir / "curves.json").read_text()).get("summary", {})
+        metrics.update({f"curve/{k}": v for k, v in summary.items()})
+    result = {"stage": stage.key, "seed": seed, "metrics": metrics, "seconds": seconds, "args": args,
+              "log_dir": str(log_dir)}  # fmt: skip
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(result_file, json.dumps(result, indent=2))
     return result
@@ -107,7 +113,7 @@ def summarize(comp: Comparison, results: dict[str, list[dict]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for stage in comp.stages:
         runs = results.get(stage.key, [])
-        cells = [_fmt([r["metrics"][m] for r in runs if m in r["metrics"]]) for m in comp.columns]
+        cells = [_fmt([r["metrics"][m] for r in runs if m in r["metrics"]], m not in comp.plain) for m in comp.columns]
         secs = statistics.fmean(r["seconds"] for r in runs) if runs else 0.0
         lines.append(
             f"| {stage.group} | {stage.label or stage.key} | " + " | ".join(cells) + f" | {len(runs)} | {secs:.0f} s |"
@@ -147,6 +153,58 @@ def bar_plot(comp: Comparison, results: dict[str, list[dict]], path: Path) -> No
     tmp.replace(path)
 
 
+def mean_curves(runs: list[dict]) -> dict | None:
+    """Average the ``curves.json`` records (written by ``callbacks.RoundCurves``) of one stage's seeds."""
+    records = [json.loads((Path(r["log_dir"]) / "curves.json").read_text()) for r in runs
+               if "log_dir" in r and (Path(r["log_dir"]) / "curves.json").exists()]  # fmt: skip
+    if not records:
+        return None
+    rounds = records[0]["rounds"]
+    records = [rec for rec in records if rec["rounds"] == rounds]
+
+    def avg(key: str) -> list:
+        cols = list(zip(*[rec[key] for rec in records]))
+        return [None if any(v is None for v in col) else statistics.fmean(col) for col in cols]
+
+    return {"rounds": rounds, "ma": avg("ma"), "ba": avg("ba"), "attack_rounds": records[0]["attack_rounds"]}
+
+
+def curves_plot(comp: Comparison, results: dict[str, list[dict]], path: Path, threshold: float | None = None) -> None:
+    """One panel per group: every stage's MA and BA per round (mean over seeds), attack window shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from callbacks.round_curves import plot_curves, save_figure
+
+    groups = list(dict.fromkeys(s.group for s in comp.stages))
+    fig, axes = plt.subplots(1, len(groups), figsize=(9 * len(groups), 4.4), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        runs = {s.label or s.key: mean_curves(results.get(s.key, [])) for s in comp.stages if s.group == group}
+        plot_curves({k: v for k, v in runs.items() if v is not None}, None, group, threshold, ax=ax)
+    fig.suptitle(comp.title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def _fl_stages(dataset: str, group: str, config: str, attacks: dict[str, str], defenses: dict[str, str]) -> list[Stage]:
+    """Every (attack, defense) pair of overlay configs on one federated experiment config."""
+    stages = []
+    for attack, attack_cfg in attacks.items():
+        for defense, defense_cfg in defenses.items():
+            overrides = [f"--config=configs/fl/defenses/{defense_cfg}.yaml", "--data.init_args.seed={seed}"]
+            if attack_cfg:
+                overrides.insert(0, f"--config=configs/fl/attacks/{attack_cfg}.yaml")
+            key = f"{dataset}/{attack_cfg or 'naive'}/{defense_cfg}"
+            stages.append(Stage(key, config, overrides, group, f"{attack}, {defense}"))
+    return stages
+
+
+_FL_COLUMNS = {"test/acc": "final MA (%)", "curve/ba_attack_end": "BA at attack end (%)",
+               "curve/ba_peak": "peak BA (%)", "test/asr": "final BA (%)", "curve/lifespan": "lifespan (rounds)"}
+
+
 COMPARISONS: dict[str, Comparison] = {
     "backdoor": Comparison(
         title="BadNets backdoors: clean vs poisoned training (test split)",
@@ -168,6 +226,134 @@ COMPARISONS: dict[str, Comparison] = {
 }
 
 
+COMPARISONS["fl"] = Comparison(
+    title="Federated backdoor on MNIST: a naive attacker against FedAvg and robust aggregators",
+    stages=[
+        *_fl_stages("mnist", "MNIST, 100 clients, Dirichlet 0.5, 10/round", "fl/mnist_fedavg_naive.yaml",
+                    {"no attack": "none"}, {"FedAvg": "fedavg"}),
+        *_fl_stages("mnist", "MNIST, 100 clients, Dirichlet 0.5, 10/round", "fl/mnist_fedavg_naive.yaml",
+                    {"naive": ""}, {"FedAvg": "fedavg", "norm clip": "normclip", "Multi-Krum": "multikrum",
+                                    "FLAME": "flame", "median": "median"}),
+    ],
+    columns=_FL_COLUMNS,
+    seeds=(0, 1),
+    plain=("curve/lifespan",),
+    notes="60 rounds; client 0 attacks in rounds 30-39 (every round, half of each local batch triggered and "
+    "relabelled to 0, 2 local epochs). MA: accuracy of the global model on the clean MNIST test set; BA: share of "
+    "triggered non-target test digits classified as 0, evaluated every 5 rounds. Lifespan: rounds after the "
+    "attack window until BA < 50% (if it never falls below, the rounds observed, a lower bound). 'no attack' "
+    "shows the trigger's base rate.",
+    plot=None,
+)
+COMPARISONS["fl"].plot = lambda results, path: curves_plot(COMPARISONS["fl"], results, path, 0.5)
+
+
+def _chameleon_stages(dataset: str, name: str, warmup_rounds: int) -> list[Stage]:
+    """A clean warm-up (cached artifact), then the same attack window for each attack, warm-started from it."""
+    cfg, group = "chameleon/mnist_normclip.yaml", f"{name}, norm clipping (M = 1)"
+    data = [f"--data.init_args.dataset={dataset}", "--data.init_args.seed={seed}"]
+    warm = f"--model.init_args.init_from={{artifact:{dataset}/warmup}}"
+    stages = [Stage(f"{dataset}/warmup", cfg, ["--config=configs/fl/attacks/none.yaml",
+                                               f"--trainer.max_steps={warmup_rounds}", *data], group, "clean warm-up"),
+              Stage(f"{dataset}/clean", cfg, ["--config=configs/fl/attacks/none.yaml", warm, *data], group, "no attack")]
+    for attack in ("naive", "pgd", "neurotoxin"):
+        stages.append(Stage(f"{dataset}/{attack}", cfg, [f"--config=configs/fl/attacks/{attack}.yaml", warm, *data],
+                            group, attack))  # fmt: skip
+    stages.append(Stage(f"{dataset}/chameleon", cfg, [warm, *data], group, "chameleon"))
+    return stages
+
+
+COMPARISONS["chameleon"] = Comparison(
+    title="Chameleon vs. baseline attacks: backdoor lifespan after the attacker leaves (norm-clipping server)",
+    stages=[*_chameleon_stages("mnist", "MNIST", 60), *_chameleon_stages("fashion-mnist", "Fashion-MNIST", 60)],
+    columns={**_FL_COLUMNS, "curve/ba_mean_after": "mean BA after attack (%)"},
+    seeds=(0, 1),
+    plain=("curve/lifespan",),
+    notes="configs/chameleon/mnist_normclip.yaml: 100 clients, Dirichlet 0.5, 10 per round, FedAvg with norm "
+    "clipping at M = 1, server lr 1. Each attack run starts from the same clean warm-up (60 rounds, its own row), "
+    "client 0 attacks in rounds 0-19 (every round), then 40 benign rounds. Baselines: naive poisoning (half of each "
+    "batch, 2 epochs), PGD (radius 1) and Neurotoxin (keep 99%, radius 1), all at the clipping bound like Chameleon. "
+    "Lifespan: rounds after the window until BA < 50%, evaluated every 2 rounds on 5,000 test images (a lower bound "
+    "when BA never falls below). 'no attack' is the clean continuation (its BA is the trigger's base rate).",
+)
+COMPARISONS["chameleon"].plot = lambda results, path: curves_plot(
+    replace(COMPARISONS["chameleon"], stages=[s for s in COMPARISONS["chameleon"].stages if "warmup" not in s.key]),
+    results, path, 0.5)
+
+
+def finemixing_plot(results: dict, path: Path) -> None:
+    """Fine-mixing comparison: CA and ASR per defense and clean-set size, one column per trigger; dashed line:
+    the poisoned model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    triggers = {"badnet": "BadNet (rare word)", "insent": "InSent (sentence)"}
+    methods = {"finetune": "FT", "epur": "E-PUR+FT", "finemixing": "FM", "finemixing_epur": "FM+E-PUR"}
+    sizes = sorted({int(k.split("/")[1][1:]) for k in results if k.count("/") == 2})
+    width = 0.8 / max(len(sizes), 1)
+
+    def mean(key: str, metric: str) -> float:
+        runs = [r["metrics"][metric] * 100 for r in results.get(key, []) if metric in r["metrics"]]
+        return statistics.fmean(runs) if runs else float("nan")
+
+    fig, axes = plt.subplots(2, len(triggers), figsize=(5 * len(triggers), 6), squeeze=False)
+    for j, (trigger, title) in enumerate(triggers.items()):
+        for i, (metric, ylabel) in enumerate((("test/acc", "CA (%)"), ("test/asr", "ASR (%)"))):
+            ax = axes[i][j]
+            for k, n in enumerate(sizes):
+                heights = [mean(f"{trigger}/n{n}/{m}", metric) for m in methods]
+                ax.bar([x + k * width for x in range(len(methods))], heights, width, label=f"{n} clean")
+            ax.axhline(mean(f"{trigger}/poisoned", metric), color="k", ls="--", lw=1, label="poisoned")
+            ax.set_xticks([x + width * (len(sizes) - 1) / 2 for x in range(len(methods))], list(methods.values()))
+            ax.set_ylim(0, 105)
+            ax.set_ylabel(ylabel)
+            ax.set_title(title, fontsize=9)
+            ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("Fine-mixing / E-PUR on backdoored MiniLM-L6 (Rotten Tomatoes)", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+COMPARISONS["finemixing"] = Comparison(
+    title="Fine-mixing and E-PUR against text backdoors in MiniLM-L6 (Rotten Tomatoes, first 1000 test snippets)",
+    stages=[
+        stage
+        for trigger, group, extra in (
+            ("badnet", "RT, MiniLM-L6, BadNet (rare word)", []),
+            ("insent", "RT, MiniLM-L6, InSent (sentence)", ["--data.init_args.poisoning.init_args.trigger=InsertSentence"]),
+        )
+        for stage in [
+            Stage(f"{trigger}/poisoned", f"backdoor/rt_minilm_{trigger}.yaml",
+                  ["--data.init_args.seed={seed}", "--data.init_args.test_size=1000"], group, "poisoned"),
+            *[
+                Stage(f"{trigger}/n{n}/{method}", f"finemixing/rt_minilm_{method}.yaml",
+                      [f"--model.init_args.suspect={{artifact:{trigger}/poisoned}}", "--data.init_args.seed={seed}",
+                       f"--data.init_args.train_size={n}", f"--trainer.max_epochs={epochs}",
+                       f"--trainer.check_val_every_n_epoch={epochs}", *extra],
+                      group, f"{label}, {n} clean")
+                for n, epochs in ((64, 8), (256, 3))
+                for method, label in (("finetune", "fine-tuning"), ("epur", "E-PUR + fine-tuning"),
+                                      ("finemixing", "Fine-mixing"), ("finemixing_epur", "Fine-mixing + E-PUR"))
+            ],
+        ]
+    ],
+    columns={"test/acc": "CA (%)", "test/asr": "ASR (%)"},
+    seeds=(0, 1),
+    notes="Suspects: MiniLM-L6 fully fine-tuned on 4000 Rotten Tomatoes snippets with 10% dirty-label poisoning "
+    "(target: positive). Defenses start from the suspect artifact and the clean pretrained MiniLM-L6 and fine-tune "
+    "on the first 64 or 256 clean training snippets of the same seed (8 or 3 epochs, batch 16, AdamW 5e-5); "
+    "Fine-mixing picks rho in {0.1, 0.2, 0.3} by the validation rule (200 clean validation snippets); E-PUR resets "
+    "200 embedding rows. CA: accuracy on the clean test snippets; ASR: triggered non-target test snippets "
+    "classified as the target. A clean MiniLM's ASR is the trigger's baseline rate (12-28% for the rare words).",
+    plot=finemixing_plot,
+)
+
+
 def reproduce(
     name: str,
     seeds: list[int] | None = None,
@@ -175,22 +361,24 @@ def reproduce(
     out: Path = Path("docs/results"),
     tiny: bool = False,
     force: bool = False,
-    only: str | None = None,
+    only: list[str] | None = None,
 ) -> str:
     """Run comparison ``name`` and write ``<out>/<name>.md`` and ``<out>/<name>.png``; return the table.
 
-    ``only`` keeps the stages whose key starts with it (e.g. ``mnist``); their table goes to
-    ``<out>/<name>-<only>.md`` so a partial run never overwrites the full one.
+    ``only`` keeps the stages whose key starts with one of its prefixes (e.g. ``mnist``); their table goes to
+    ``<out>/<name>-<prefixes>.md`` so a partial run never overwrites the full one.
     """
     if name not in COMPARISONS:
         raise SystemExit(f"unknown comparison {name!r}; choose one of: {', '.join(COMPARISONS)}")
     comp = COMPARISONS[name]
     if only:
-        stages = [s for s in comp.stages if s.key.startswith(only)]
+        if isinstance(only, str):
+            only = [only]
+        stages = [s for s in comp.stages if s.key.startswith(tuple(only))]
         if not stages:
-            raise SystemExit(f"no stage of {name!r} starts with {only!r}: {[s.key for s in comp.stages]}")
+            raise SystemExit(f"no stage of {name!r} starts with {only}: {[s.key for s in comp.stages]}")
         comp = replace(comp, stages=stages)
-        name_out = f"{name}-{only.replace('/', '_')}"
+        name_out = "-".join([name, *(o.replace("/", "_") for o in only)])
     else:
         name_out = name
     seeds = list(seeds if seeds is not None else comp.seeds)
@@ -207,7 +395,7 @@ def reproduce(
     out.mkdir(parents=True, exist_ok=True)
     doc = (
         f"# {comp.title}\n\n`python -m recipes.reproduce {name}`{' --tiny' if tiny else ''}"
-        f"{f' --only {only}' if only else ''}, seeds {seeds}; "
+        f"{' --only ' + ' '.join(only) if only else ''}, seeds {seeds}; "
         f"this invocation took {total:.0f} s (cached stages count as 0).\n\n{table}\n\n{comp.notes}\n\n![{name}]({name}.png)\n"
     )
     atomic_write_text(out / f"{name_out}.md", doc.replace(f"]({name}.png)", f"]({name_out}.png)"))
@@ -224,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/results"), help="where the table and plot go")
     parser.add_argument("--tiny", action="store_true", help="use the tiny twins in tests/configs (a smoke run)")
     parser.add_argument("--force", action="store_true", help="rerun stages that already have a result")
-    parser.add_argument("--only", default=None, help="run only the stages whose key starts with this (e.g. mnist)")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="run only the stages whose key starts with one of these (e.g. mnist)")
     args = parser.parse_args(argv)
     reproduce(args.name, args.seeds, args.root, args.out, args.tiny, args.force, args.only)
     return 0

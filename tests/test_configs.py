@@ -2,12 +2,15 @@
 
 import pytest
 import torch
+import yaml
 
 from recipes.cli import main
 from tests.helpers import CONFIGS, TINY, artifact_of, run_cli
 
-EXPERIMENTS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "trainer")
+OVERLAY_DIRS = ("trainer", "defenses", "attacks")  # partial configs stacked after an experiment config
+EXPERIMENTS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in OVERLAY_DIRS)
 TRAINERS = sorted((CONFIGS / "trainer").glob("*.yaml"))
+FL_OVERLAYS = sorted((CONFIGS / "fl").glob("[ad][te]*s/*.yaml"))
 TWINS = sorted(TINY.rglob("*.yaml"))
 
 
@@ -29,6 +32,18 @@ def test_trainer_configs_stack_on_an_experiment(trainer, capsys):
         main(["fit", "--config", str(trainer), "--config", str(EXPERIMENTS[0]), "--print_config"])
     out = capsys.readouterr().out
     assert "accelerator" in out
+
+
+@pytest.mark.parametrize("overlay", FL_OVERLAYS, ids=_ids(FL_OVERLAYS))
+def test_fl_attack_and_defense_overlays_run_on_the_tiny_federation(overlay, tmp_path):
+    """Every attack/defense overlay stacks on the federated experiment and runs its rounds end to end."""
+    cli = run_cli("--config", str(TINY / "fl" / "mnist_fedavg_naive.yaml"), "--config", str(overlay), root=tmp_path)
+    assert cli.trainer.global_step == cli.trainer.max_steps
+    assert torch.isfinite(cli.trainer.callback_metrics["val/acc"])
+    role = "aggregator" if overlay.parent.name == "defenses" else "attack"
+    spec = yaml.safe_load(overlay.read_text())["model"]["init_args"][role]
+    expected = "NoneType" if spec is None else spec["class_path"].rsplit(".", 1)[-1]
+    assert type(getattr(cli.model, role)).__name__ == expected
 
 
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=_ids(EXPERIMENTS))

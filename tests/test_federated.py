@@ -232,8 +232,8 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for name, extra in {"single": [], "ddp": ["--config", str(REPO / "configs" / "trainer" / "ddp_cpu.yaml")]}.items():
-        cmd = [sys.executable, "-m", "recipes", "fit", "--config", str(TINY / "fl" / "mnist_normclip_naive.yaml"),
-               *extra, f"--trainer.default_root_dir={tmp_path}", f"--run_name={name}"]  # fmt: skip
+        cmd = [sys.executable, "-m", "recipes", "fit", "--config", str(TINY / "fl" / "mnist_fedavg_naive.yaml"),
+               "--config", str(REPO / "configs" / "fl" / "defenses" / "normclip.yaml"), *extra, f"--trainer.default_root_dir={tmp_path}", f"--run_name={name}"]  # fmt: skip
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
     single, ddp = artifact_of(tmp_path, "single").state_dict, artifact_of(tmp_path, "ddp").state_dict

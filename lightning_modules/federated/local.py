@@ -21,16 +21,21 @@ class LocalTrainer:
         local_epochs: passes over the client's data.
         batch_size: local batch size.
         max_steps: stop after this many steps in total (``None``: run all epochs).
+        lr_milestones: local epochs after which the learning rate is multiplied by ``lr_gamma`` (a
+            ``MultiStepLR`` over local epochs, as Chameleon's attacker uses; empty: constant).
+        lr_gamma: decay factor at each milestone.
     """
 
     def __init__(
         self, lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 5e-4, local_epochs: int = 1,
-        batch_size: int = 64, max_steps: int | None = None,
+        batch_size: int = 64, max_steps: int | None = None, lr_milestones: list[int] | None = None,
+        lr_gamma: float = 0.1,
     ):  # fmt: skip
         if lr <= 0 or local_epochs < 1 or batch_size < 1 or (max_steps is not None and max_steps < 1):
             raise ValueError("LocalTrainer needs lr > 0, local_epochs >= 1, batch_size >= 1 and max_steps >= 1")
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.local_epochs, self.batch_size, self.max_steps = local_epochs, batch_size, max_steps
+        self.lr_milestones, self.lr_gamma = sorted(lr_milestones or []), lr_gamma
 
     def with_overrides(self, lr: float | None = None, local_epochs: int | None = None) -> LocalTrainer:
         """A copy with another learning rate or epoch count (``None`` keeps this trainer's)."""
@@ -44,16 +49,22 @@ class LocalTrainer:
         transform: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
         after_step: Callable[[nn.Module], None] | None = None,
         loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None,
+        after_epoch: Callable[[nn.Module, int, float], bool] | None = None,
     ) -> None:  # fmt: skip
         """Train ``model``'s trainable parameters in place on ``(x, y)``. Hooks for attacks: ``transform`` edits
         each batch (poisoning), ``after_step`` runs after every optimizer step (projections), ``loss_fn(model,
-        xb, yb)`` replaces the cross-entropy (e.g. a contrastive loss)."""
+        xb, yb)`` replaces the cross-entropy (e.g. a contrastive loss), ``after_epoch(model, epoch, mean loss)``
+        returns ``True`` to stop early."""
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         model.train()
         steps = 0
-        for _ in range(self.local_epochs):
+        for epoch in range(self.local_epochs):
+            lr = self.lr * self.lr_gamma ** sum(m <= epoch for m in self.lr_milestones)
+            for group in opt.param_groups:
+                group["lr"] = lr
             perm = torch.randperm(len(y), generator=generator).to(y.device)
+            total, batches = 0.0, 0
             for start in range(0, len(y), self.batch_size):
                 idx = perm[start : start + self.batch_size]
                 xb, yb = x[idx], y[idx]
@@ -66,8 +77,12 @@ class LocalTrainer:
                 if after_step is not None:
                     after_step(model)
                 steps += 1
+                if after_epoch is not None:  # a host sync per step, only when someone listens
+                    total, batches = total + float(loss.detach()), batches + 1
                 if self.max_steps is not None and steps >= self.max_steps:
                     return
+            if after_epoch is not None and after_epoch(model, epoch, total / max(batches, 1)):
+                return
 
 
 @dataclass

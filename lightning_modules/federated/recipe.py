@@ -27,6 +27,7 @@ from lightning_modules.federated.attacks import Attack
 from lightning_modules.federated.local import ClientContext, LocalTrainer
 from lightning_modules.metrics import AttackSuccessRate
 from lightning_modules.ops import aggregation as agg_ops
+from recipes.artifacts import load_artifact, parent_record
 
 
 class ServerDefense:
@@ -76,6 +77,9 @@ class FederatedRecipe(BaseRecipe):
         buffers: ``average`` float buffers (BatchNorm statistics) over the round's finite clients, outside the
             aggregator (as Chameleon's code: norm clipping skips them), or ``keep`` the global buffers.
         seed: seed of client sampling, local shuffling and aggregation noise (``None``: the run's seed).
+        init_from: artifact (e.g. a clean federated warm-up exported by ``ExportArtifact``) whose ``net.*``
+            tensors initialise the global model, so an attack study does not retrain the clean phase; its
+            sha256 is verified and it is recorded as this run's parent. Round numbers restart at 0.
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class FederatedRecipe(BaseRecipe):
         aggregator: Aggregator | None = None, attack: Attack | None = None,
         server_defense_hooks: list[ServerDefense] | None = None, server_lr: float = 1.0,
         server_momentum: float = 0.0, buffers: Literal["average", "keep"] = "average", seed: int | None = None,
+        init_from: str | None = None,
     ):  # fmt: skip
         super().__init__()
         self.save_hyperparameters(ignore=["net", "local", "aggregator", "attack", "server_defense_hooks"])
@@ -91,12 +96,32 @@ class FederatedRecipe(BaseRecipe):
         self.local, self.aggregator = local or LocalTrainer(), aggregator or FedAvg()
         self.attack, self.server_defense_hooks = attack, list(server_defense_hooks or [])
         self.server_lr, self.server_momentum, self.buffers, self.seed = server_lr, server_momentum, buffers, seed
+        self.init_from, self._warm_started = init_from, False
         self.last_server_update: Tensor | None = None
         self._scratch: list[nn.Module] = []  # one reusable client model, not a registered submodule
 
     def configure_model(self) -> None:
+        """Build a lazily specified net, then warm-start it from ``init_from``, once: Lightning calls this hook
+        again for ``trainer.test``, which must see the trained model (a resumed run's checkpoint is restored after
+        this hook, so it wins)."""
         if hasattr(self.net, "build"):
             self.net.build()
+        if self.init_from is not None and not self._warm_started:
+            self._warm_started = True
+            state = load_artifact(self.init_from).state_dict
+            weights = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+            try:
+                missing, unexpected = self.net.load_state_dict(weights, strict=False)
+            except RuntimeError as err:  # shape mismatch
+                raise ValueError(f"init_from={self.init_from} does not fit this net: {err}") from None
+            if missing or unexpected or not weights:
+                raise ValueError(
+                    f"init_from={self.init_from} does not fit this net (missing {missing[:5]}, unexpected "
+                    f"{unexpected[:5]}): warm-start from an artifact of the same net config"
+                )
+
+    def artifact_parents(self) -> list[dict]:
+        return [parent_record(self.init_from)] if self.init_from is not None else []
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
