@@ -17,12 +17,13 @@ import torch
 
 from recipes import assets
 
-IMAGE_DATASETS = ("mnist", "fashion-mnist", "digits")
+IMAGE_DATASETS = ("mnist", "fashion-mnist", "digits", "cifar10")
 
 
 @dataclass(frozen=True)
 class ImageSplits:
-    """uint8 images ``[N, H, W]`` and int64 labels for the fixed train and test splits."""
+    """uint8 images (``[N, H, W]`` grayscale, ``[N, C, H, W]`` colour) and int64 labels for the fixed train and
+    test splits."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -33,7 +34,9 @@ class ImageSplits:
 
 @lru_cache(maxsize=4)
 def load_image_dataset(name: str) -> ImageSplits:
-    """Load ``mnist``, ``fashion-mnist`` (canonical 60k/10k splits) or ``digits`` (8x8, fixed 1497/300 split)."""
+    """Load ``mnist``, ``fashion-mnist`` (canonical 60k/10k splits), ``digits`` (8x8, fixed 1497/300 split) or
+    ``cifar10`` (binary version, canonical 50k/10k splits, ``[N, 3, 32, 32]``; a cluster asset, see
+    :func:`recipes.assets.download_cifar10`)."""
     if name in ("mnist", "fashion-mnist"):
         files = assets.mnist_files(name)
         arrays = {k: torch.from_numpy(assets.read_idx(p).copy()) for k, p in files.items()}
@@ -55,6 +58,13 @@ def load_image_dataset(name: str) -> ImageSplits:
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
         test, train = perm[:300], perm[300:]
         return ImageSplits(x[train], y[train], x[test], y[test], 10)
+    if name == "cifar10":
+        files = assets.cifar10_files()
+        splits = []
+        for key in ("train", "test"):
+            images, labels = zip(*(assets.read_cifar_bin(p) for p in files[key]))
+            splits += [torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))]
+        return ImageSplits(*splits, 10)
     raise ValueError(f"unknown image dataset {name!r}; choose one of {IMAGE_DATASETS}")
 
 

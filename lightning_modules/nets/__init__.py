@@ -4,3 +4,7 @@ from lightning_modules.nets.cnn import MnistCNN
 from lightning_modules.nets.hf import HFSequenceClassifier, LoraSpec
 
 __all__ = ["HFSequenceClassifier", "LoraSpec", "MnistCNN"]
+
+from lightning_modules.nets.resnet import CifarResNet18  # noqa: E402
+
+__all__ += ["CifarResNet18"]
