@@ -9,7 +9,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m recipes.reproduce backdoor --seeds 0 --only mnist --root runs/demo --out runs/demo
+	$(PY) -m recipes.reproduce fl --seeds 0 --only mnist/naive/fedavg mnist/naive/normclip --root runs/demo --out runs/demo
 
 test: setup
 	$(PY) -m pytest -q
