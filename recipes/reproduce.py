@@ -256,9 +256,10 @@ def _chameleon_stages(dataset: str, name: str, warmup_rounds: int) -> list[Stage
     stages = [Stage(f"{dataset}/warmup", cfg, ["--config=configs/fl/attacks/none.yaml",
                                                f"--trainer.max_steps={warmup_rounds}", *data], group, "clean warm-up"),
               Stage(f"{dataset}/clean", cfg, ["--config=configs/fl/attacks/none.yaml", warm, *data], group, "no attack")]
+    rate = "--model.init_args.attack.init_args.poison_fraction=0.109375"  # 7 of 64, as Chameleon (official)
     for attack in ("naive", "pgd", "neurotoxin"):
-        stages.append(Stage(f"{dataset}/{attack}", cfg, [f"--config=configs/fl/attacks/{attack}.yaml", warm, *data],
-                            group, attack))  # fmt: skip
+        stages.append(Stage(f"{dataset}/{attack}", cfg, [f"--config=configs/fl/attacks/{attack}.yaml", rate, warm,
+                                                         *data], group, attack))  # fmt: skip
     stages.append(Stage(f"{dataset}/chameleon", cfg, [warm, *data], group, "chameleon"))
     return stages
 
@@ -271,8 +272,9 @@ COMPARISONS["chameleon"] = Comparison(
     plain=("curve/lifespan",),
     notes="configs/chameleon/mnist_normclip.yaml: 100 clients, Dirichlet 0.5, 10 per round, FedAvg with norm "
     "clipping at M = 1, server lr 1. Each attack run starts from the same clean warm-up (60 rounds, its own row), "
-    "client 0 attacks in rounds 0-19 (every round), then 40 benign rounds. Baselines: naive poisoning (half of each "
-    "batch, 2 epochs), PGD (radius 1) and Neurotoxin (keep 99%, radius 1), all at the clipping bound like Chameleon. "
+    "client 0 attacks in rounds 0-19 (every round), then 40 benign rounds. Baselines: naive poisoning (2 epochs), PGD "
+    "(radius 1) and Neurotoxin (keep 99%, radius 1), at the clipping bound like Chameleon and, as in the official "
+    "code, with 7 of every 64 samples poisoned. "
     "Lifespan: rounds after the window until BA < 50%, evaluated every 2 rounds on 5,000 test images (a lower bound "
     "when BA never falls below). 'no attack' is the clean continuation (its BA is the trigger's base rate).",
 )
