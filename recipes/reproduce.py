@@ -178,8 +178,8 @@ def curves_plot(comp: Comparison, results: dict[str, list[dict]], path: Path, th
 
     from callbacks.round_curves import plot_curves, save_figure
 
-    groups = list(dict.fromkeys(s.group for s in comp.stages))
-    fig, axes = plt.subplots(1, len(groups), figsize=(9 * len(groups), 4.4), squeeze=False)
+    groups = list(dict.fromkeys(s.group for s in comp.stages if results.get(s.key)))  # skip groups not run
+    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(9 * max(len(groups), 1), 4.4), squeeze=False)
     for ax, group in zip(axes[0], groups):
         runs = {s.label or s.key: mean_curves(results.get(s.key, [])) for s in comp.stages if s.group == group}
         plot_curves({k: v for k, v in runs.items() if v is not None}, None, group, threshold, ax=ax)
