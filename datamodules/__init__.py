@@ -23,3 +23,7 @@ __all__ = [
     "TextTrigger",
     "load_tokenizer",
 ]
+
+from datamodules.facts import CounterFactDataModule, EditRecord  # noqa: E402
+
+__all__ += ["CounterFactDataModule", "EditRecord"]

@@ -45,3 +45,12 @@ __all__ = [
     "ServerDefense",
     "TrimmedMean",
 ]
+
+from lightning_modules.finemixing import EPUR, FineMixing, SuspectFineTuning  # noqa: E402
+
+__all__ += ["EPUR", "FineMixing", "SuspectFineTuning"]
+
+from lightning_modules.editing import MEMIT, NAMET  # noqa: E402
+from lightning_modules.nets.causal_lm import CausalLM  # noqa: E402
+
+__all__ += ["CausalLM", "MEMIT", "NAMET"]

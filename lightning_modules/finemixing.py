@@ -1,0 +1,392 @@
+"""Defenses over a given suspect model that use its clean pretrained weights: Fine-mixing and E-PUR
+(Zhang, Lyu, Ma, Wang, Sun, "Fine-mixing: Mitigating Backdoors in Fine-tuned Language Models", EMNLP 2022
+Findings, arXiv:2210.09545), and their baseline, plain fine-tuning on the same small clean set.
+
+All three read the suspect (possibly backdoored) fine-tuned weights from an artifact, keep the clean
+pretrained weights ``w_pre`` beside them, apply their purification once when fit starts, and then fine-tune
+on the DataModule's clean training set (a small subset, e.g. 64 or 256 texts) with the ordinary
+classifier training step. ``trainer.max_epochs: 0`` applies the purification alone. The triggered loader of
+the DataModule is only ever used to *measure* ASR; no defense step sees it.
+
+No official code exists; the rules below are our reading of the paper (research notes, methods-llm.md §3),
+and every uncertain choice is a knob.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_modules.classifier import ClassifierRecipe
+from lightning_modules.ops import finemixing as ops
+from recipes.artifacts import load_artifact, parent_record
+
+
+class SuspectFineTuning(ClassifierRecipe):
+    """Plain fine-tuning of a suspect model on a small clean set: the baseline of Fine-mixing, and the base of
+    every defense that starts from a suspect artifact and the clean pretrained weights.
+
+    ``configure_model`` builds ``net`` (its spec names the *pretrained* backbone, e.g. ``minilm-l6``), keeps
+    its weights as ``w_pre`` (or those of ``reference``), then loads the suspect artifact into it. Subclasses
+    override :meth:`purify`, which runs once when fit starts (it can use the clean training and validation
+    loaders); fine-tuning is :class:`ClassifierRecipe`'s.
+
+    Args:
+        net: the classifier network; its built weights are the clean pretrained ones, unless ``reference``.
+        suspect: artifact (``recipes.artifacts``) with the suspect fine-tuned weights of the whole recipe
+            (``net.*`` keys, as ``ClassifierRecipe`` exports them); ``None``: ``net``'s built weights are
+            the suspect (e.g. its spec names a fine-tuned checkpoint), then ``reference`` is needed.
+        reference: a network whose built weights are ``w_pre`` (same architecture as ``net``); ``None``:
+            ``net``'s own weights before the suspect is loaded. Its head is typically freshly initialised.
+        suspect_sha256: pinned SHA-256 of the suspect's ``model.safetensors`` (checked if given).
+        require_clean_data: refuse a DataModule whose training set is poisoned (a defense fine-tunes on
+            clean data; set ``poisoning.rate: 0`` to keep the triggered evaluation set).
+        optimizer: optimizer factory of the fine-tuning.
+        scheduler: optional learning-rate scheduler factory.
+        label_smoothing: label smoothing of the cross-entropy loss.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        suspect: str | None = None,
+        reference: nn.Module | None = None,
+        suspect_sha256: str | None = None,
+        require_clean_data: bool = True,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__(net, optimizer, scheduler, label_smoothing)
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "reference"])
+        if suspect is None and reference is None:
+            raise ValueError("give a suspect artifact, or a reference network when net itself is the suspect")
+        self.suspect, self.suspect_sha256, self.require_clean_data = suspect, suspect_sha256, require_clean_data
+        self.__dict__["_reference"] = reference  # a spec, built once; not a submodule (never trained or saved)
+        self.pretrained_state: dict[str, torch.Tensor] | None = None  # w_pre, CPU, keyed like net.state_dict()
+        self.defense_record: dict = {}  # what purify() did, for the artifact manifest
+        self._parents: list[dict] = []
+        self._purified = False
+
+    # ------------------------------------------------------------------ weights
+    def configure_model(self) -> None:
+        if self.pretrained_state is not None:  # Lightning calls this at every fit/test: load only once
+            return
+        super().configure_model()
+        reference = self._reference
+        if reference is not None:
+            if hasattr(reference, "build"):
+                reference.build()
+            pretrained = reference.state_dict()
+            self.__dict__["_reference"] = None  # free it
+        else:
+            pretrained = self.net.state_dict()
+        self.pretrained_state = {k: v.detach().to("cpu", copy=True) for k, v in pretrained.items()}
+        ours = self.net.state_dict()
+        bad = [k for k in ours if k not in self.pretrained_state or self.pretrained_state[k].shape != ours[k].shape]
+        if bad:
+            raise ValueError(f"reference and net differ in {bad[:5]}: the reference must have net's architecture")
+        if self.suspect is not None:
+            artifact = load_artifact(self.suspect, self.suspect_sha256)
+            weights = {k.removeprefix("net."): v for k, v in artifact.state_dict.items()}
+            self.net.load_state_dict(weights, strict=True)
+            self._parents = [parent_record(artifact)]
+
+    def load_net(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy ``state`` (keys of ``net.state_dict()``) into the network in place (optimizers stay valid)."""
+        with torch.no_grad():
+            for name, tensor in self.net.state_dict(keep_vars=True).items():
+                tensor.copy_(state[name])
+
+    # ------------------------------------------------------------------ the defense
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        mask = getattr(self.trainer.datamodule, "poison_mask", None)
+        if self.require_clean_data and mask is not None and bool(mask.any()):
+            raise ValueError(
+                f"{type(self).__name__} fine-tunes on clean data, but the DataModule poisoned {int(mask.sum())} "
+                "training samples: set data.init_args.poisoning.init_args.rate: 0 (the triggered evaluation set "
+                "is still built), or require_clean_data: false"
+            )
+
+    def on_fit_start(self) -> None:
+        if self._purified:  # resumed from a checkpoint of this defense: already done
+            return
+        self.purify()
+        self._purified = True
+        summary = {k: v for k, v in self.defense_record.items() if k not in ("epur_rows", "epur_scores")}
+        if "epur_tokens" in summary:
+            summary["epur_tokens"] = summary["epur_tokens"][:20]
+        if summary:
+            rank_zero_info(f"{type(self).__name__}: {summary}")
+
+    def purify(self) -> None:
+        """The defense's change to the suspect weights before fine-tuning; none for plain fine-tuning."""
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["defense"] = {"purified": self._purified, "record": self.defense_record}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("defense", {})
+        self._purified, self.defense_record = bool(state.get("purified", False)), dict(state.get("record", {}))
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def clean_training_tokens(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(input_ids, attention_mask)`` of the whole clean training set (never the evaluation sets)."""
+        train_set = self.trainer.datamodule.train_set
+        tensors = getattr(train_set, "tensors", None)
+        if tensors is None or len(tensors) < 3:
+            raise TypeError("E-PUR needs a token DataModule whose train_set holds (input_ids, attention_mask, labels)")
+        return tensors[0], tensors[1]
+
+    def finetune_copy(self, epochs: int) -> None:
+        """A short supervised fine-tuning of ``net`` in place with a fresh optimizer (used to compare
+        candidates); the run's scheduler is not used."""
+        dm = self.trainer.datamodule
+        loader = dm.train_dataloader()
+        optimizer = self.optimizer(p for p in self.parameters() if p.requires_grad)
+        self.net.train()
+        with torch.enable_grad():
+            for epoch in range(epochs):
+                if hasattr(loader.sampler, "set_epoch"):
+                    loader.sampler.set_epoch(epoch)
+                for batch in loader:
+                    *inputs, labels = (t.to(self.device) for t in batch)
+                    loss = F.cross_entropy(self(*inputs), labels, label_smoothing=self.label_smoothing)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def clean_val_accuracy(self) -> float:
+        """Accuracy on the clean validation loader (the triggered one is never looked at)."""
+        loader = self.trainer.datamodule.val_dataloader()[0]
+        was_training = self.net.training
+        self.net.eval()
+        hits = total = 0
+        for batch in loader:
+            *inputs, labels = (t.to(self.device) for t in batch)
+            hits += int((self(*inputs).argmax(-1) == labels).sum())
+            total += len(labels)
+        self.net.train(was_training)
+        return hits / max(total, 1)
+
+    def artifact_metadata(self) -> dict:
+        return {**super().artifact_metadata(), "defense": {"type": type(self).__name__, **self.defense_record}}
+
+    def artifact_parents(self) -> list[dict]:
+        return list(self._parents)
+
+
+class EPUR(SuspectFineTuning):
+    """E-PUR, embedding purification (Zhang et al., EMNLP 2022 Findings, §3 "E-PUR"), then fine-tuning.
+
+    Trigger words of backdoor attacks are rare in clean text but their word embeddings move far during
+    poisoned fine-tuning. E-PUR scores every vocabulary token ``k`` by ``||E_ft[k] - E_pre[k]||_2 /
+    log(max(f_k, floor))`` with ``f_k`` its count in the *clean training set of this run* (never the
+    evaluation sets), and resets the ``top_n`` highest-scoring rows of the word-embedding matrix to the
+    pretrained embeddings (:mod:`lightning_modules.ops.finemixing`). Our reading of the paper's rule; the
+    score form, ``floor`` and ``top_n`` could not be checked against the text and are knobs.
+
+    Usable alone (``trainer.max_epochs: 0``), before plain fine-tuning (the default), or before Fine-mixing
+    (:class:`FineMixing` with ``top_n > 0``). The reset token ids (and their strings when the DataModule has
+    a tokenizer) go into the artifact manifest.
+
+    Args:
+        net: see :class:`SuspectFineTuning`.
+        suspect: see :class:`SuspectFineTuning`.
+        reference: see :class:`SuspectFineTuning`.
+        suspect_sha256: see :class:`SuspectFineTuning`.
+        require_clean_data: see :class:`SuspectFineTuning`.
+        top_n: how many embedding rows to reset (0 disables E-PUR).
+        floor: the frequency floor ``c`` of ``log(max(f, c))`` (> 1).
+        score: ``delta_over_log_freq`` (E-PUR) or ``delta`` (embedding change alone, an ablation).
+        embedding: name of the word-embedding weight in ``net.named_parameters()``; ``None``: the one of
+            ``net.model.get_input_embeddings()`` (Hugging Face models).
+        optimizer: see :class:`SuspectFineTuning`.
+        scheduler: see :class:`SuspectFineTuning`.
+        label_smoothing: see :class:`SuspectFineTuning`.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        suspect: str | None = None,
+        reference: nn.Module | None = None,
+        suspect_sha256: str | None = None,
+        require_clean_data: bool = True,
+        top_n: int = 200,
+        floor: float = 20.0,
+        score: ops.Score = "delta_over_log_freq",
+        embedding: str | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__(
+            net, suspect, reference, suspect_sha256, require_clean_data, optimizer, scheduler, label_smoothing
+        )
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "reference"])
+        if top_n < 0 or not floor > 1.0:
+            raise ValueError(f"E-PUR needs top_n >= 0 and floor > 1, got top_n={top_n}, floor={floor}")
+        self.top_n, self.floor, self.score, self.embedding = top_n, floor, score, embedding
+
+    def embedding_name(self) -> str:
+        if self.embedding is not None:
+            return self.embedding
+        weight = self.net.model.get_input_embeddings().weight
+        return next(name for name, p in self.net.named_parameters() if p is weight)
+
+    def purify(self) -> None:
+        self.purify_embeddings()
+
+    @torch.no_grad()
+    def purify_embeddings(self) -> None:
+        """E-PUR: reset the ``top_n`` most suspicious word-embedding rows to their pretrained values."""
+        if self.top_n == 0:
+            return
+        name = self.embedding_name()
+        weight = dict(self.net.named_parameters())[name]
+        input_ids, attention_mask = self.clean_training_tokens()
+        freqs = ops.token_frequencies(input_ids, attention_mask, weight.shape[0])
+        scores = ops.epur_scores(self.pretrained_state[name], weight, freqs, self.floor, self.score)
+        rows = ops.top_rows(scores, self.top_n)
+        weight.copy_(ops.reset_rows(self.pretrained_state[name], weight, rows))
+        record = {"epur_rows": rows.tolist(), "epur_scores": scores[rows].tolist()}
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        if tokenizer is not None:
+            record["epur_tokens"] = tokenizer.convert_ids_to_tokens(rows.tolist())
+        self.defense_record.update(record)
+
+
+class FineMixing(EPUR):
+    """Fine-mixing (Zhang et al., EMNLP 2022 Findings): mix the suspect weights with the clean pretrained
+    ones, then fine-tune on a small clean set; optionally after E-PUR (``top_n > 0``).
+
+    Mixing keeps a fraction ``rho`` of the fine-tuned entries and resets the others to pretrained,
+    ``w = w_pre + m * (w_ft - w_pre)``, entry by entry in every weight tensor, with ``m`` random (each entry
+    kept with probability ``rho``) or by the largest ``|w_ft - w_pre|`` per tensor (``selection``). A backdoor
+    lives in the fine-tuning update; most of it is thrown away, and the short clean fine-tuning restores the
+    clean task from what is left.
+
+    The classifier head has no pretrained counterpart (``head``): ``keep`` it from the suspect (default),
+    ``mix`` it with the reference's freshly initialised head like any tensor, or ``reinit`` it (take the
+    reference's fresh head). Parameters are recognised as head by ``head_patterns``.
+
+    Choosing rho (``rho_candidates``; our reading of the paper's validation rule, a knob): try the
+    candidates from small to large; for each, mix, fine-tune a copy for ``search_epochs`` on the clean
+    training set and measure clean validation accuracy; take the *smallest* rho whose accuracy is within
+    ``max_acc_drop`` of the suspect's own clean validation accuracy (smaller rho keeps less of the
+    possibly backdoored update; the defender has no triggered data, so clean accuracy is the only signal).
+    If no candidate qualifies, the one with the best accuracy. The run then fine-tunes a fresh mix at the
+    chosen rho. Without candidates ``rho`` is used as given.
+
+    Args:
+        net: see :class:`SuspectFineTuning`.
+        suspect: see :class:`SuspectFineTuning`.
+        reference: see :class:`SuspectFineTuning`.
+        suspect_sha256: see :class:`SuspectFineTuning`.
+        require_clean_data: see :class:`SuspectFineTuning`.
+        rho: fraction of fine-tuned entries kept (1: the suspect, 0: the pretrained weights).
+        selection: ``random`` or ``magnitude`` (largest update per tensor).
+        head: ``keep``, ``mix`` or ``reinit`` the classifier head (see above).
+        head_patterns: substrings naming head parameters (``None``: ``classifier`` for BERT-style and ``score``
+            for Llama-style models).
+        rho_candidates: candidates of the validation rule; ``None``: use ``rho``.
+        max_acc_drop: tolerated drop of clean validation accuracy (fraction, 0.02 = 2 points).
+        search_epochs: fine-tuning epochs of each candidate in the search.
+        mask_seed: seed of the random mask; ``None``: the run's seed (``seed_everything``).
+        top_n: E-PUR rows reset before mixing (0: Fine-mixing alone); see :class:`EPUR`.
+        floor: see :class:`EPUR`.
+        score: see :class:`EPUR`.
+        embedding: see :class:`EPUR`.
+        optimizer: see :class:`SuspectFineTuning`.
+        scheduler: see :class:`SuspectFineTuning`.
+        label_smoothing: see :class:`SuspectFineTuning`.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        suspect: str | None = None,
+        reference: nn.Module | None = None,
+        suspect_sha256: str | None = None,
+        require_clean_data: bool = True,
+        rho: float = 0.5,
+        selection: ops.Selection = "random",
+        head: Literal["keep", "mix", "reinit"] = "keep",
+        head_patterns: list[str] | None = None,
+        rho_candidates: list[float] | None = None,
+        max_acc_drop: float = 0.02,
+        search_epochs: int = 1,
+        mask_seed: int | None = None,
+        top_n: int = 0,
+        floor: float = 20.0,
+        score: ops.Score = "delta_over_log_freq",
+        embedding: str | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__(
+            net, suspect, reference, suspect_sha256, require_clean_data, top_n, floor, score, embedding,
+            optimizer, scheduler, label_smoothing,
+        )
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "reference"])
+        for value in [rho, *(rho_candidates or [])]:
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"rho values must be in [0, 1], got {value}")
+        if rho_candidates is not None and not rho_candidates:
+            raise ValueError("rho_candidates must be None or non-empty")
+        self.rho, self.selection, self.head = rho, selection, head
+        self.head_patterns = list(head_patterns) if head_patterns is not None else ["classifier", "score"]
+        self.rho_candidates = None if rho_candidates is None else sorted(rho_candidates)
+        self.max_acc_drop, self.search_epochs, self.mask_seed = max_acc_drop, search_epochs, mask_seed
+
+    def is_head(self, name: str) -> bool:
+        return any(p in name for p in self.head_patterns)
+
+    @torch.no_grad()
+    def apply_mixing(self, rho: float) -> None:
+        """Mix the network's current weights (the suspect, after E-PUR if any) with ``w_pre`` in place."""
+        seed = self.mask_seed if self.mask_seed is not None else torch.initial_seed()
+        generator = torch.Generator().manual_seed(int(seed))
+        for name, param in self.net.named_parameters():
+            pre = self.pretrained_state[name]
+            if self.is_head(name) and self.head != "mix":
+                if self.head == "reinit":
+                    param.copy_(pre)
+                continue
+            mask = ops.mixing_mask(pre, param, rho, self.selection, generator)
+            param.copy_(ops.mix(pre, param, mask))
+
+    def select_rho(self) -> float:
+        """The validation rule (see the class docstring); restores the network's weights afterwards."""
+        start = {k: v.detach().to("cpu", copy=True) for k, v in self.net.state_dict().items()}
+        baseline = self.clean_val_accuracy()
+        tried = []
+        for rho in self.rho_candidates:
+            self.apply_mixing(rho)
+            self.finetune_copy(self.search_epochs)
+            tried.append((rho, self.clean_val_accuracy()))
+            self.load_net(start)
+            if tried[-1][1] >= baseline - self.max_acc_drop:
+                break
+        chosen = ops.choose_rho(tried, baseline, self.max_acc_drop)
+        chosen = float(self.trainer.strategy.broadcast(chosen, src=0))  # ranks saw different data shards
+        self.defense_record.update(
+            rho_search={"suspect_val_acc": baseline, "tried": [[r, a] for r, a in tried]}
+        )
+        return chosen
+
+    def purify(self) -> None:
+        self.purify_embeddings()
+        rho = self.select_rho() if self.rho_candidates else self.rho
+        self.apply_mixing(rho)
+        self.defense_record.update(rho=rho)

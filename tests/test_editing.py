@@ -1,0 +1,188 @@
+"""MEMIT / NAMET on a tiny random Llama (fast) and on SmolLM2-135M (slow): closed form, batching, caching, edits."""
+
+import pytest
+import torch
+
+from datamodules import CounterFactDataModule, EditRecord
+from lightning_modules import MEMIT, NAMET, CausalLM, editing_stats
+from recipes import assets
+
+TINY = {"num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+        "num_key_value_heads": 2}
+SUBJECTS = ["Zorbland", "Quintara", "Melvoria", "Droskan", "Tellurin", "Vashtor", "Pelamir", "Ostrava"]
+NEW = ["Japan", "Brazil", "Kenya", "Peru", "Chile", "Spain"]
+
+
+def tiny_editor(tmp_path, cls=MEMIT, **kw):
+    torch.manual_seed(0)
+    args = {"layers": [0, 1], "stats_dir": str(tmp_path), "stats_tokens": 3000, "stats_seq_len": 32,
+            "context_seeds": ["The", "Because"], "context_length": 4, "eval_prefixes": 2, "eval_prefix_length": 3,
+            "fluency_records": 0, "v_num_grad_steps": 8}
+    args.update(kw)
+    m = cls(CausalLM("smollm2-135m", random_init=True, config_overrides=TINY), **args)
+    m.configure_model()
+    m.prepare()
+    return m
+
+
+def records(subjects, start=0):
+    return [EditRecord(start + i, s, "{} is located in the country of", "France", NEW[i % len(NEW)])
+            for i, s in enumerate(subjects)]
+
+
+def clean_states(m, recs):
+    """Hidden states at the top edited layer, at the subject's last token of the bare prompts."""
+    templates, m.templates = m.templates, ["{}"]
+    try:
+        keys, hidden = m._reps(recs, m.layers[0])
+    finally:
+        m.templates = templates
+    return keys[:, 0], hidden[:, 0]
+
+
+@pytest.mark.parametrize("cls", [MEMIT, NAMET])
+def test_batched_and_sequential_target_vectors_agree(tmp_path, cls):
+    m = tiny_editor(tmp_path, cls, v_lr=0.3, v_stop_loss=-1.0, v_weight_decay=0.0, kl_factor=0.0)
+    recs = records(SUBJECTS[:5])
+    m.hparams.v_num_grad_steps = 1
+    _, _, start_nll = m.compute_targets(recs)  # the loss before any step (δ = 0)
+    m.hparams.v_num_grad_steps = 8
+    with torch.enable_grad():
+        _, _, free_nll = m.compute_targets(recs)
+    # a threshold that the fastest-improving request crosses half-way: exercises freezing and dropping
+    j = int((start_nll - free_nll).argmax())
+    m.hparams.v_stop_loss = float(start_nll[j] + free_nll[j]) / 2
+    m.hparams.v_batch_size = 5
+    with torch.enable_grad():
+        d_batch, h_batch, nll_batch = m.compute_targets(recs)
+    m.hparams.v_batch_size = 1
+    with torch.enable_grad():
+        d_seq, h_seq, nll_seq = m.compute_targets(recs)
+    assert nll_batch[j] > free_nll[j] + 1e-6 and d_batch[j].norm() > 0  # stopped early, after some steps
+    torch.testing.assert_close(h_batch, h_seq, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(d_batch, d_seq, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(nll_batch, nll_seq, atol=1e-4, rtol=1e-4)
+    m.hparams.prefix_cache = False  # the reference's way: full sequences at every step
+    with torch.enable_grad():
+        d_full, h_full, _ = m.compute_targets(recs)
+    torch.testing.assert_close(h_full, h_seq, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(d_full, d_seq, atol=1e-4, rtol=1e-3)
+
+
+def test_one_request_one_layer_update_matches_the_closed_form(tmp_path):
+    """With one request and one layer ``l = L``: ``Δ = δ kᵀ C⁻¹ / (λ + kᵀ C⁻¹ k)`` (Sherman-Morrison), ``k`` the
+    down_proj input at the subject's last token averaged over the context templates."""
+    lam = 7.0
+    m = tiny_editor(tmp_path, layers=[1], mom2_update_weight=lam)
+    (rec,) = records(SUBJECTS[:1])
+    w = m.lm.model.layers[1].mlp.down_proj.weight
+    before = w.detach().clone()
+    keys = []
+    hook = m.lm.model.layers[1].mlp.down_proj.register_forward_hook(lambda mod, i, o: keys.append(i[0][0, -1].detach()))
+    with torch.no_grad():
+        for t in m.templates:
+            template = t.format(rec.prompt)
+            ids = m.net.encode(template.format(rec.subject))[: m.net.subject_last(template, rec.subject) + 1]
+            m.lm(torch.tensor([ids]))
+    hook.remove()
+    k = ((keys[0] + torch.stack(keys[1:]).mean(0)) / 2).double()
+    with torch.enable_grad():
+        delta, h_init, _ = m.compute_targets([rec])
+    m.apply_update([rec], delta, h_init)
+    cinv_k = torch.linalg.solve(m.cov[1], k)
+    expected = delta[0].double().outer(cinv_k) / (lam + k @ cinv_k)
+    torch.testing.assert_close((w.detach() - before).double(), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_update_writes_the_targets_and_spares_other_subjects(tmp_path):
+    """λ → 0 and the bare prompt as the only context: after the last layer the stored value *is* z = h₀ + δ;
+    held-out subjects move much less than the edited ones."""
+    m = tiny_editor(tmp_path, context_seeds=[], mom2_update_weight=1e-3)
+    edits, held_out = records(SUBJECTS[:4]), records(SUBJECTS[4:], start=10)
+    with torch.enable_grad():
+        delta, h_init, _ = m.compute_targets(edits)
+    _, before = clean_states(m, held_out)
+    m.apply_update(edits, delta, h_init)
+    _, after_edit = clean_states(m, edits)
+    _, after = clean_states(m, held_out)
+    z = h_init[:, 0] + delta
+    assert ((after_edit - z).norm(dim=-1) / delta.norm(dim=-1)).max() < 1e-3
+    assert (after - before).norm(dim=-1).max() < 0.5 * delta.norm(dim=-1).min()
+
+
+def test_namet_extracts_memory_under_the_prefixed_contexts(tmp_path):
+    m = tiny_editor(tmp_path, NAMET)
+    assert m.residual_columns() == [1, 2]  # the two prefixed templates, not the bare prompt nor the KL prompt
+    h = torch.randn(3, 4, 8)
+    delta = torch.randn(3, 8)
+    expected = m.hparams.v_weight_decay * 2.0 * delta.norm(dim=-1) / h.flatten(1).norm(dim=-1)
+    torch.testing.assert_close(m.weight_decay(delta, h), expected)
+    torch.testing.assert_close(m.max_norm(h), m.hparams.clamp_norm_factor * h.flatten(1).norm(dim=-1))
+    memit = tiny_editor(tmp_path, MEMIT)
+    torch.testing.assert_close(memit.max_norm(h), memit.hparams.clamp_norm_factor * h[:, 0].norm(dim=-1))
+
+
+def test_statistics_are_cached_by_model_and_layer(tmp_path, monkeypatch):
+    m = tiny_editor(tmp_path)
+    files = sorted(p.name for p in (tmp_path / m._model_key()).glob("*.safetensors"))
+    assert len(files) == 2 and all("down_proj" in f for f in files)
+    cov = m.cov[0]
+    assert torch.allclose(cov, cov.T) and torch.linalg.eigvalsh(cov).min() > -1e-6
+
+    def boom(*args, **kwargs):
+        raise AssertionError("statistics recomputed although cached")
+
+    monkeypatch.setattr(editing_stats, "compute_second_moments", boom)
+    again = tiny_editor(tmp_path)
+    torch.testing.assert_close(again.cov[0], cov)
+
+
+def test_score_matches_a_plain_forward(tmp_path):
+    m = tiny_editor(tmp_path)
+    prompt, target = "Zorbland is located in the country of", "New Zealand"
+    nll, strict = m.score([prompt, prompt], [target, "Peru"])
+    p, t = m.net.encode(prompt), m.net.encode_target(prompt, target)
+    with torch.no_grad():
+        logp = m.lm(torch.tensor([p + t])).logits[0].log_softmax(-1)
+    rows = logp[len(p) - 1 : len(p) - 1 + len(t)]
+    expected = -rows.gather(1, torch.tensor(t)[:, None]).mean()
+    assert nll[0].item() == pytest.approx(expected.item(), rel=1e-4)
+    assert bool(strict[0]) == bool((rows.argmax(-1) == torch.tensor(t)).all())
+
+
+def test_known_facts_are_cached_per_model(tmp_path):
+    m = tiny_editor(tmp_path)
+    first = m.knows(["Zorbland is located in the country of"], ["France"])
+    assert list(tmp_path.glob("known-*.json"))
+    m.score = None  # a second call must not score again
+    assert m.knows(["Zorbland is located in the country of"], ["France"]) == first
+
+
+@pytest.mark.slow
+def test_memit_edits_real_facts_of_smollm2_and_spares_neighbours(tmp_path):
+    """SmolLM2-135M: 10 known country facts rewritten at once; the new targets become the greedy answers and the
+    held-out neighbourhood facts (cities of the same countries) stay."""
+    try:
+        assets.smollm2_dir()
+    except assets.AssetNotFoundError as err:
+        pytest.skip(str(err))
+    torch.manual_seed(0)
+    m = MEMIT(CausalLM("smollm2-135m", attn_implementation="eager", bos_token="<|endoftext|>"), layers=[3, 4],
+              mom2_update_weight=2100.0, compute_dtype="bfloat16", stats_tokens=20_000, fluency_records=0)
+    m.configure_model()
+    m.prepare()
+    dm = CounterFactDataModule(num_edits=10, relations=["city_country", "capital"], max_city_candidates=300, seed=3)
+    dm.select_known(m.knows)
+    recs = dm.records
+    nbr_prompts = [p for r in recs for p, _ in r.neighborhood]
+    nbr_true = [t for r in recs for _, t in r.neighborhood]
+    _, new_before = m.score([r.text for r in recs], [r.target_new for r in recs])
+    _, nbr_before = m.score(nbr_prompts, nbr_true)
+    assert not new_before.any() and nbr_before.all()  # known facts, and no new target is stated yet
+    with torch.enable_grad():
+        delta, h_init, _ = m.compute_targets(recs)
+    m.apply_update(recs, delta, h_init)
+    _, new_after = m.score([r.text for r in recs], [r.target_new for r in recs])
+    _, nbr_after = m.score(nbr_prompts, nbr_true)
+    assert new_after.float().mean() >= 0.8
+    assert nbr_after.float().mean() >= 0.8
