@@ -53,19 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--stats-tokens", type=int, default=20_000, help="corpus tokens of the statistics part")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype (default: the config's)")
+    parser.add_argument("--stats-only", action="store_true", help="only the statistics part (run in a fresh process)")
     args = parser.parse_args(argv)
+    if args.stats_only:
+        return stats_part(args)
 
     import torch
 
     from datamodules import CounterFactDataModule
-    from lightning_modules.editing_stats import compute_second_moments
-
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     torch.manual_seed(args.seed)
     load = os.getloadavg()
-    rss0 = peak_rss_mb()
-    m, data = build(args.method)
-    rss_model = peak_rss_mb()
+    m, data = build(args.method, **({"compute_dtype": args.dtype} if args.dtype else {}))
     m.prepare()
     dm = CounterFactDataModule(num_edits=args.edits, relations=data.get("relations"), seed=args.seed)
     dm.select_known(m.knows)
@@ -99,22 +99,38 @@ def main(argv: list[str] | None = None) -> int:
     for name, per, speed, diff in rows:
         print(f"| {name} | {per:.2f} | {speed:.2f}x | {diff:.1e} |")
 
-    # statistics: one pass over the corpus for the edited layers (computed, not read from the cache)
-    s = m
-    before = peak_rss_mb()
-    start = time.perf_counter()
-    paths = [s.hparams.rewrite_module_tmp.format(layer) for layer in s.layers]
-    compute_second_moments(s.net, paths, s.hparams.stats_corpus, args.stats_tokens, s.hparams.stats_seq_len,
-                           s.hparams.token_budget, s._autocast)
-    secs = time.perf_counter() - start
-    print(f"\nstatistics of layers {s.layers} over {args.stats_tokens} tokens of {s.hparams.stats_corpus}: {secs:.1f} s "
-          f"({args.stats_tokens / secs:.0f} tokens/s); peak RSS {rss0:.0f} MB at start, {rss_model:.0f} MB with the "
-          f"model, {before:.0f} MB before and {peak_rss_mb():.0f} MB after the statistics")
-    record = {"method": args.method, "edits": len(records), "times": times, "diffs": diffs, "stats_seconds": secs,
-              "stats_tokens": args.stats_tokens, "peak_rss_mb": peak_rss_mb(), "load": [load, os.getloadavg()]}
+    # statistics in a fresh process, so its peak memory is its own
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--method", args.method, "--stats-only", "--stats-tokens", str(args.stats_tokens)]
+    stats = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    print(f"\nstatistics of layers {stats['layers']} over {args.stats_tokens} tokens of {stats['corpus']}: "
+          f"{stats['seconds']:.1f} s ({args.stats_tokens / stats['seconds']:.0f} tokens/s); peak RSS "
+          f"{stats['rss_model_mb']:.0f} MB with the model loaded, {stats['rss_peak_mb']:.0f} MB after the statistics")
+    record = {"method": args.method, "edits": len(records), "dtype": m.hparams.compute_dtype, "times": times,
+              "diffs": diffs, "stats": stats, "peak_rss_mb": peak_rss_mb(), "load": [load, os.getloadavg()]}
     out_dir = ROOT / "runs" / "bench"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"namet_targets_{args.method}.json").write_text(json.dumps(record, indent=2))
+    (out_dir / f"namet_targets_{args.method}_{m.hparams.compute_dtype}.json").write_text(json.dumps(record, indent=2))
+    return 0
+
+
+def stats_part(args) -> int:
+    """Time one statistics pass (not read from the cache) and print a JSON line with time and peak RSS."""
+    import torch
+
+    from lightning_modules.editing_stats import compute_second_moments
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    m, _ = build(args.method)
+    rss_model = peak_rss_mb()
+    paths = [m.hparams.rewrite_module_tmp.format(layer) for layer in m.layers]
+    start = time.perf_counter()
+    compute_second_moments(m.net, paths, m.hparams.stats_corpus, args.stats_tokens, m.hparams.stats_seq_len,
+                           m.hparams.token_budget, m._autocast)
+    secs = time.perf_counter() - start
+    print(json.dumps({"layers": m.layers, "corpus": m.hparams.stats_corpus, "seconds": secs,
+                      "rss_model_mb": rss_model, "rss_peak_mb": peak_rss_mb()}))
     return 0
 
 

@@ -358,13 +358,54 @@ COMPARISONS["finemixing"] = Comparison(
     plot=finemixing_plot,
 )
 
-def _namet_stages(n: int, seeds_data: str = "--data.init_args.seed={seed}") -> list[Stage]:
-    group, edits = f"SmolLM2-135M, {n} country-fact edits", f"--data.init_args.num_edits={n}"
+
+def _namet_stages(n: int) -> list[Stage]:
+    """Unedited model, MEMIT and NAMET on the same ``n`` records (the data seed follows the run's seed)."""
+    group, args = f"SmolLM2-135M, {n} country-fact edits", [f"--data.init_args.num_edits={n}", "--data.init_args.seed={seed}"]
     return [
-        Stage(f"n{n}/unedited", "namet/smollm2_memit.yaml", [edits, seeds_data, "--trainer.max_epochs=0"], group, "unedited"),
-        Stage(f"n{n}/memit", "namet/smollm2_memit.yaml", [edits, seeds_data], group, "MEMIT"),
-        Stage(f"n{n}/namet", "namet/smollm2_namet.yaml", [edits, seeds_data], group, "NAMET"),
+        Stage(f"n{n}/unedited", "namet/smollm2_memit.yaml", [*args, "--trainer.max_epochs=0"], group, "unedited"),
+        Stage(f"n{n}/memit", "namet/smollm2_memit.yaml", args, group, "MEMIT"),
+        Stage(f"n{n}/namet", "namet/smollm2_namet.yaml", args, group, "NAMET"),
     ]
+
+
+def namet_plot(results: dict, path: Path) -> None:
+    """Strict efficacy and neighbourhood (plain and prefixed) against the number of edits, MEMIT vs NAMET; the
+    unedited model dashed. Mean over the seeds run, their range as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = sorted({int(k.split("/")[0][1:]) for k in results if results[k]})
+    panels = {"test/efficacy_strict": "ES strict", "test/neighborhood_strict": "NS strict",
+              "test/efficacy_strict_prefix": "ES strict, prefixed", "test/neighborhood_strict_prefix": "NS strict, prefixed"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
+    for ax, (metric, title) in zip(axes[0], panels.items()):
+        for method, style in (("memit", "o-"), ("namet", "s-"), ("unedited", "k--")):
+            xs, ys, lo, hi = [], [], [], []
+            for n in counts:
+                vals = [r["metrics"][metric] * 100 for r in results.get(f"n{n}/{method}", []) if metric in r["metrics"]]
+                if vals:
+                    xs.append(n)
+                    ys.append(statistics.fmean(vals))
+                    lo.append(ys[-1] - min(vals))
+                    hi.append(max(vals) - ys[-1])
+            if xs:
+                ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, capsize=3, label=method.upper() if method != "unedited" else method)
+        ax.set_xscale("log")
+        ax.set_xticks(counts, [str(n) for n in counts])
+        ax.set_ylim(0, 105)
+        ax.set_xlabel("edits")
+        ax.set_title(title, fontsize=9)
+    axes[0][0].set_ylabel("%")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M, country facts: MEMIT vs NAMET", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 COMPARISONS["namet"] = Comparison(
@@ -387,6 +428,7 @@ COMPARISONS["namet"] = Comparison(
     "possible). '+prefix': a random 5-token model-generated prefix before the prompt. Fluency: weighted bi/tri-gram "
     "entropy of 50-token sampled continuations of 20 edited prompts. Edit time: target vectors + closed-form "
     "updates on 1 CPU thread (statistics cached beforehand); 'time / run' includes the evaluation.",
+    plot=namet_plot,
 )
 
 

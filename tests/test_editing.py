@@ -186,3 +186,15 @@ def test_memit_edits_real_facts_of_smollm2_and_spares_neighbours(tmp_path):
     _, nbr_after = m.score(nbr_prompts, nbr_true)
     assert new_after.float().mean() >= 0.8
     assert nbr_after.float().mean() >= 0.8
+
+
+@pytest.mark.slow
+def test_namet_comparison_runs_on_the_tiny_twins(tmp_path):
+    from recipes.reproduce import reproduce
+
+    table = reproduce("namet", seeds=[0], root=tmp_path / "runs", out=tmp_path / "docs", tiny=True, only=["n100/"])
+    rows = [line for line in table.splitlines() if line.startswith("| SmolLM2")]
+    assert [r.split(" | ")[1] for r in rows] == ["unedited", "MEMIT", "NAMET"]
+    edit_time = [r.split(" | ")[-3] for r in rows]
+    assert edit_time[0] == "—" and all(float(t) > 0 for t in edit_time[1:])
+    assert (tmp_path / "docs" / "namet-n100_.md").exists()
