@@ -7,7 +7,8 @@ stages' artifacts through ``{artifact:<stage key>}`` in their overrides. Finishe
 (``--force`` reruns). The table (mean ± std over seeds) goes to ``docs/results/<name>.md``, the plot to
 ``docs/results/<name>.png``, and the table is printed.
 
-Method issues add their own entry to :data:`COMPARISONS`.
+Method issues add their own entry to :data:`COMPARISONS`, here or in a module of ``recipes/comparisons/``
+(imported on first use by :func:`load_comparisons`; it registers with ``COMPARISONS["name"] = Comparison(...)``).
 """
 
 from __future__ import annotations
@@ -432,6 +433,18 @@ COMPARISONS["namet"] = Comparison(
 )
 
 
+def load_comparisons() -> dict[str, Comparison]:
+    """Import every module of ``recipes.comparisons`` (each registers its entries in :data:`COMPARISONS`)."""
+    import importlib
+    import pkgutil
+
+    import recipes.comparisons as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"recipes.comparisons.{module.name}")
+    return COMPARISONS
+
+
 def reproduce(
     name: str,
     seeds: list[int] | None = None,
@@ -446,6 +459,7 @@ def reproduce(
     ``only`` keeps the stages whose key starts with one of its prefixes (e.g. ``mnist``); their table goes to
     ``<out>/<name>-<prefixes>.md`` so a partial run never overwrites the full one.
     """
+    load_comparisons()
     if name not in COMPARISONS:
         raise SystemExit(f"unknown comparison {name!r}; choose one of: {', '.join(COMPARISONS)}")
     comp = COMPARISONS[name]
@@ -484,7 +498,7 @@ def reproduce(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipes.reproduce", description=__doc__.split("\n\n")[0])
-    parser.add_argument("name", choices=sorted(COMPARISONS))
+    parser.add_argument("name", choices=sorted(load_comparisons()))
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the comparison's)")
     parser.add_argument("--root", type=Path, default=Path("runs/reproduce"), help="where runs and artifacts go")
     parser.add_argument("--out", type=Path, default=Path("docs/results"), help="where the table and plot go")
@@ -498,5 +512,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the importable module, not this ``__main__`` copy, so that recipes.comparisons.* register into the
+    # same COMPARISONS dict that main() reads
+    from recipes import reproduce as _module
+
+    sys.exit(_module.main())
 

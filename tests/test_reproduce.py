@@ -20,3 +20,24 @@ def test_artifact_placeholders_point_at_earlier_stages(tmp_path):
     arg = _substitute("--model.init_args.parent={artifact:mnist/poisoned}", 2, tmp_path)
     assert arg == f"--model.init_args.parent={tmp_path}/mnist/poisoned/seed2/artifact"
     assert Stage("a", "b.yaml").overrides == []
+
+
+def test_comparisons_in_their_own_modules_are_registered(tmp_path, monkeypatch):
+    import sys
+
+    import recipes.comparisons
+    from recipes import reproduce as R
+
+    pkg = tmp_path / "plugin_pkg"
+    pkg.mkdir()
+    (pkg / "extra_cmp.py").write_text(
+        "from recipes.reproduce import COMPARISONS, Comparison, Stage\n"
+        "COMPARISONS['extra-cmp'] = Comparison(title='t', stages=[Stage('a', 'x.yaml')], columns={})\n"
+    )
+    monkeypatch.setattr(recipes.comparisons, "__path__", [str(pkg)])
+    try:
+        assert "extra-cmp" in R.load_comparisons()
+        assert R.COMPARISONS is COMPARISONS
+    finally:
+        COMPARISONS.pop("extra-cmp", None)
+        sys.modules.pop("recipes.comparisons.extra_cmp", None)
