@@ -27,3 +27,7 @@ __all__ = [
 from datamodules.facts import CounterFactDataModule, EditRecord  # noqa: E402
 
 __all__ += ["CounterFactDataModule", "EditRecord"]
+
+from datamodules.multitask import ImageTask, MultiTaskDataModule, TaskImageDataModule  # noqa: E402
+
+__all__ += ["ImageTask", "MultiTaskDataModule", "TaskImageDataModule"]

@@ -54,3 +54,16 @@ from lightning_modules.editing import MEMIT, NAMET  # noqa: E402
 from lightning_modules.nets.causal_lm import CausalLM  # noqa: E402
 
 __all__ += ["CausalLM", "MEMIT", "NAMET"]
+
+from lightning_modules.dam import DAM  # noqa: E402
+from lightning_modules.merging import (  # noqa: E402
+    AdaMerging,
+    Dare,
+    MergeRecipe,
+    MergeRule,
+    TaskArithmetic,
+    TaskFineTuning,
+    Ties,
+)
+
+__all__ += ["AdaMerging", "DAM", "Dare", "MergeRecipe", "MergeRule", "TaskArithmetic", "TaskFineTuning", "Ties"]

@@ -1,0 +1,460 @@
+"""Merge recipes: a pool of models in (one pretrained backbone and task models fine-tuned from it, some possibly
+backdoored), one model out, evaluated per task (accuracy and attack success rate).
+
+The shared part of the network (everything but the classification head) is merged from the task vectors
+``tau_k = theta_k - theta_0`` (Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023); each task keeps
+its own linear head from its task model, as with per-task (zero-shot) heads of CLIP in the merging papers.
+
+- :class:`MergeRecipe` with a fixed :class:`MergeRule`: :class:`TaskArithmetic`, :class:`Ties` (Yadav et al.,
+  NeurIPS 2023; per task vector or per tensor trimming) and :class:`Dare` (Yu et al., ICML 2024), all from
+  :mod:`lightning_modules.ops.merging` (which uses ``peft.utils.merge_utils``).
+- :class:`AdaMerging` (Yang et al., "AdaMerging: Adaptive Model Merging for Multi-Task Learning", ICLR 2024):
+  task-wise or layer-wise coefficients learned by minimising the prediction entropy on unlabelled images.
+- DAM (defense-aware merging) is in :mod:`lightning_modules.dam`.
+
+Fixed rules take no optimisation step: run them with ``trainer.max_epochs: 1`` and ``limit_train_batches: 1``
+(the step is empty); validation and test evaluate the merged model.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torch.func import functional_call
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_modules.base import BaseRecipe
+from lightning_modules.classifier import ClassifierRecipe
+from lightning_modules.metrics import AttackSuccessRate
+from lightning_modules.ops import merging as ops
+from recipes.artifacts import load_artifact, parent_record
+
+
+class MergeRule:
+    """A fixed merge rule: task vectors in, one merged task vector out."""
+
+    def merge(self, task_vectors: list[ops.StateDict]) -> ops.StateDict:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"rule": type(self).__name__, **vars(self)}
+
+
+class TaskArithmetic(MergeRule):
+    """``tau = lambda * sum_k tau_k`` (Ilharco et al., 2023; lambda ~0.3 for 8 CLIP tasks).
+
+    Args:
+        scaling: the coefficient ``lambda`` of every task vector.
+    """
+
+    def __init__(self, scaling: float = 0.3):
+        self.scaling = float(scaling)
+
+    def merge(self, task_vectors: list[ops.StateDict]) -> ops.StateDict:
+        return ops.task_arithmetic(task_vectors, torch.full((len(task_vectors),), self.scaling))
+
+
+class Ties(MergeRule):
+    """TIES-Merging: trim to the top ``density`` magnitudes, elect signs, disjoint mean, times ``scaling``.
+
+    Args:
+        density: fraction of entries kept by the trim (the paper's k = 20%).
+        scaling: ``lambda`` applied to the disjoint mean (the paper tunes it on validation data; 1 is its default).
+        trim: ``task`` trims over the whole task vector (the paper, fusion_bench); ``tensor`` per tensor (peft).
+        majority_sign_method: ``total`` (sign of the summed mass, the paper) or ``frequency`` (sign count).
+    """
+
+    def __init__(
+        self,
+        density: float = 0.2,
+        scaling: float = 1.0,
+        trim: Literal["task", "tensor"] = "task",
+        majority_sign_method: Literal["total", "frequency"] = "total",
+    ):
+        self.density, self.scaling, self.trim = float(density), float(scaling), trim
+        self.majority_sign_method = majority_sign_method
+
+    def merge(self, task_vectors: list[ops.StateDict]) -> ops.StateDict:
+        weights = torch.full((len(task_vectors),), self.scaling)
+        return ops.ties(task_vectors, weights, self.density, self.trim, self.majority_sign_method)
+
+
+class Dare(MergeRule):
+    """DARE: drop entries with probability ``1 - density`` and rescale by ``1/density``, then task arithmetic
+    (``linear``) or TIES (``ties``).
+
+    Args:
+        density: keep probability (the paper drops 90% of LLM deltas; small CNN deltas tolerate less).
+        scaling: coefficient of every task vector.
+        merge: ``linear`` (DARE + task arithmetic) or ``ties`` (DARE + TIES' sign election).
+        seed: seed of the random drop.
+    """
+
+    def __init__(
+        self, density: float = 0.5, scaling: float = 0.3, merge: Literal["linear", "ties"] = "linear", seed: int = 0
+    ):
+        self.density, self.scaling, self.merge_with, self.seed = float(density), float(scaling), merge, int(seed)
+
+    def merge(self, task_vectors: list[ops.StateDict]) -> ops.StateDict:
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            return ops.dare(task_vectors, torch.full((len(task_vectors),), self.scaling), self.density, self.merge_with)
+
+
+class TaskFineTuning(ClassifierRecipe):
+    """Fine-tune one task model of a merge pool from the pretrained backbone (an artifact): the shared weights
+    start from ``theta_0``, the head (keys starting with ``head_prefix``) is new; training is
+    :class:`~lightning_modules.classifier.ClassifierRecipe`'s (clean or, with a poisoned DataModule, BadNets).
+    With ``linear_probe_epochs`` the first epochs train the head alone on the frozen backbone, then everything
+    (LP-FT, Kumar et al., ICLR 2022): the head then fits the pretrained features, which keeps task vectors small
+    and mergeable, as the frozen zero-shot heads of CLIP do in the merging papers.
+
+    Args:
+        net: the classifier network, with the task's number of classes.
+        pretrained: artifact of the pretrained backbone (``None``: train from ``net``'s initialisation).
+        optimizer: optimizer factory.
+        scheduler: optional learning-rate scheduler factory.
+        label_smoothing: label smoothing of the cross-entropy loss.
+        head_prefix: prefix of the head's keys in ``net.state_dict()`` (not loaded from the backbone).
+        linear_probe_epochs: epochs that train the head alone before full fine-tuning (0: none).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        pretrained: str | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        scheduler: LRSchedulerCallable | None = None,
+        label_smoothing: float = 0.0,
+        head_prefix: str = "head.",
+        linear_probe_epochs: int = 0,
+    ):
+        super().__init__(net, optimizer, scheduler, label_smoothing)
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        if linear_probe_epochs < 0:
+            raise ValueError(f"linear_probe_epochs must be >= 0, got {linear_probe_epochs}")
+        self.pretrained, self.head_prefix, self.linear_probe_epochs = pretrained, head_prefix, linear_probe_epochs
+        self._parents: list[dict] = []
+
+    def on_train_epoch_start(self) -> None:
+        probing = self.current_epoch < self.linear_probe_epochs
+        for name, p in self.net.named_parameters():
+            p.requires_grad_(name.startswith(self.head_prefix) or not probing)
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.pretrained is None or self._parents:
+            return
+        art = load_artifact(self.pretrained)
+        shared = {k.removeprefix("net."): v for k, v in art.state_dict.items()
+                  if not k.removeprefix("net.").startswith(self.head_prefix)}  # fmt: skip
+        missing, unexpected = self.net.load_state_dict(shared, strict=False)
+        wrong = [k for k in missing if not k.startswith(self.head_prefix)] + list(unexpected)
+        if wrong:
+            raise ValueError(f"{self.pretrained} does not match net outside the head: {wrong[:5]}")
+        self._parents.append(parent_record(art))
+
+    def artifact_parents(self) -> list[dict]:
+        return list(self._parents)
+
+
+class _Features(nn.Module):
+    """``net.features(x)`` as a module's forward, so it can run with functionally merged weights."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.features(x)
+
+
+class MergeRecipe(BaseRecipe):
+    """A pool of models in, one model out (a fixed :class:`MergeRule`), evaluated per task.
+
+    ``configure_model`` loads the pretrained artifact and the task artifacts (safetensors, hashes verified),
+    splits each state dict into the shared part and the head (keys starting with ``head_prefix``), builds the
+    task vectors of the shared part and one linear head per task. Validation and test log, per task,
+    ``<split>/<task>/acc`` and ``<split>/<task>/asr`` (if the task has a trigger), and ``<split>/acc`` (mean over
+    tasks) and ``<split>/asr`` (mean over the tasks whose model was trained on poisoned data, read from the
+    artifact manifests; over every task with a trigger if none was).
+
+    Args:
+        net: the architecture of the pool (e.g. ``MnistCNN``); it needs ``features(x)`` and a linear head.
+        pretrained: artifact of the pretrained backbone ``theta_0`` (its head is ignored).
+        task_models: artifacts of the task models, in the order of the DataModule's tasks.
+        rule: the fixed merge rule (ignored by learned merges, which have their own).
+        head_prefix: prefix of the head's keys in ``net.state_dict()``; the head must be an ``nn.Linear``.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        pretrained: str,
+        task_models: list[str],
+        rule: MergeRule | None = None,
+        head_prefix: str = "head.",
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "rule"])
+        if not task_models:
+            raise ValueError("task_models is empty: give one artifact per task of the DataModule")
+        self.net = net
+        self.__dict__["features"] = _Features(net)  # a view of net for functional calls, not a second submodule
+        self.rule = rule if rule is not None else TaskArithmetic()
+        self.pretrained_path, self.task_paths, self.head_prefix = pretrained, list(task_models), head_prefix
+        self.heads = nn.ModuleList()
+        self.pretrained_state: ops.StateDict = {}
+        self.task_vectors: list[ops.StateDict] = []
+        self.backdoored: list[bool] = []
+        self._parents: list[dict] = []
+        self.automatic_optimization = False
+
+    # ------------------------------------------------------------------ the pool
+    def configure_model(self) -> None:
+        if self.task_vectors:
+            return
+        if hasattr(self.net, "build"):
+            self.net.build()
+        shared_keys = [n for n in self.net.state_dict() if not n.startswith(self.head_prefix)]
+        if len(shared_keys) == len(self.net.state_dict()):
+            raise ValueError(f"no key of net starts with head_prefix {self.head_prefix!r}: set it to the head's prefix")
+
+        def load(path: str) -> tuple[ops.StateDict, ops.StateDict, dict]:
+            art = load_artifact(path)
+            self._parents.append(parent_record(art))
+            state = {k.removeprefix("net."): v.float() for k, v in art.state_dict.items()}
+            missing = [k for k in shared_keys if k not in state]
+            if missing:
+                raise ValueError(f"{path} lacks {missing[:5]}: task models must share net's architecture")
+            head = {k: v for k, v in state.items() if k.startswith(self.head_prefix)}
+            return {k: state[k] for k in shared_keys}, head, art.manifest
+
+        self.pretrained_state = load(self.pretrained_path)[0]
+        finetuned = []
+        for path in self.task_paths:
+            shared, head, manifest = load(path)
+            finetuned.append(shared)
+            self.heads.append(self._linear_head(head, path))
+            self.backdoored.append(float(manifest.get("poisoning", {}).get("rate", 0.0)) > 0)
+        self.task_vectors = ops.task_vectors(self.pretrained_state, finetuned)
+        self.load_shared(self.pretrained_state)
+
+    def _linear_head(self, head: ops.StateDict, path: str) -> nn.Linear:
+        weight, bias = head.get(self.head_prefix + "weight"), head.get(self.head_prefix + "bias")
+        if weight is None or weight.dim() != 2:
+            raise ValueError(f"{path}: no linear head weight under {self.head_prefix!r}weight")
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    def load_shared(self, state: ops.StateDict) -> None:
+        """Copy merged shared weights into ``net`` in place."""
+        with torch.no_grad():
+            own = self.net.state_dict(keep_vars=True)
+            for name, tensor in state.items():
+                own[name].copy_(tensor)
+
+    def pool_to(self, device: torch.device) -> None:
+        self.pretrained_state = {k: v.to(device) for k, v in self.pretrained_state.items()}
+        self.task_vectors = [{k: v.to(device) for k, v in tv.items()} for tv in self.task_vectors]
+
+    def merged_state(self) -> ops.StateDict:
+        """The merged shared weights ``theta_0 + rule(tau_1..tau_K)``; learned merges override this."""
+        return ops.add(self.pretrained_state, self.rule.merge(self.task_vectors))
+
+    # ------------------------------------------------------------------ the DataModule's tasks
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        tasks = getattr(dm, "tasks", None)
+        if tasks is None:
+            raise ValueError(
+                f"{type(self).__name__} needs a multi-task DataModule (MultiTaskDataModule), got {type(dm).__name__}"
+            )
+        dm.setup(stage)
+        self.configure_model()  # Lightning calls setup() before configure_model(); the pool is loaded once
+        if len(tasks) != len(self.task_paths):
+            raise ValueError(f"{len(tasks)} tasks in the DataModule but {len(self.task_paths)} task_models: give one "
+                             "artifact per task, in order")
+        self.task_names = [t.name for t in tasks]
+        for k, (head, n) in enumerate(zip(self.heads, dm.num_classes)):
+            if head.out_features != n:
+                raise ValueError(f"task {self.task_names[k]!r} has {n} classes but its model's head has "
+                                 f"{head.out_features}: check the order of task_models")
+        for split in ("val", "test"):
+            if not hasattr(self, f"{split}_metrics"):
+                metrics = nn.ModuleDict()
+                for t, n in zip(tasks, dm.num_classes):
+                    metrics[f"{t.name}/acc"] = MulticlassAccuracy(n, average="micro")
+                    if t.poisoning is not None:
+                        metrics[f"{t.name}/asr"] = AttackSuccessRate(t.poisoning.target_label)
+                setattr(self, f"{split}_metrics", metrics)
+
+    def on_fit_start(self) -> None:
+        self.pool_to(self.device)
+
+    def refresh(self) -> None:
+        """Write the current merge into ``net`` (evaluation and export use ``net`` directly)."""
+        if self.pretrained_state and next(iter(self.pretrained_state.values())).device != self.device:
+            self.pool_to(self.device)
+        with torch.no_grad():
+            self.load_shared(self.merged_state())
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        return self.heads[task](self.features(x))
+
+    def forward_merged(self, x: torch.Tensor, task: int, state: ops.StateDict) -> torch.Tensor:
+        """Logits of task ``task`` with the shared weights ``state`` (differentiable in ``state``)."""
+        feats = functional_call(self.features, {f"net.{k}": v for k, v in state.items()}, (x,))
+        return self.heads[task](feats)
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        """Fixed rules: nothing to optimise."""
+
+    def configure_optimizers(self):
+        return None
+
+    def on_validation_epoch_start(self) -> None:
+        self.refresh()
+
+    def on_test_epoch_start(self) -> None:
+        self.refresh()
+
+    def _evaluate(self, split: str, batch, dataloader_idx: int) -> None:
+        task, kind = self.trainer.datamodule.eval_index[dataloader_idx]
+        x, y = batch
+        preds = self(x, task).argmax(-1)
+        name = f"{self.task_names[task]}/{'acc' if kind == 'clean' else 'asr'}"
+        getattr(self, f"{split}_metrics")[name].update(preds, y)
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate("val", batch, dataloader_idx)
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate("test", batch, dataloader_idx)
+
+    def _log_epoch(self, split: str) -> None:
+        metrics = getattr(self, f"{split}_metrics")
+        values = {name: m.compute() for name, m in metrics.items()}
+        for m in metrics.values():
+            m.reset()
+        for name, v in values.items():
+            self.log(f"{split}/{name}", v)
+        self.log(f"{split}/acc", torch.stack([v for n, v in values.items() if n.endswith("/acc")]).mean())
+        asr = [values[f"{t}/asr"] for t, bd in zip(self.task_names, self.backdoored) if bd and f"{t}/asr" in values]
+        asr = asr or [v for n, v in values.items() if n.endswith("/asr")]
+        if asr:
+            self.log(f"{split}/asr", torch.stack(asr).mean())
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    # ------------------------------------------------------------------ export
+    def artifact_state_dict(self) -> dict[str, torch.Tensor]:
+        self.refresh()
+        out = {f"net.{k}": v for k, v in self.net.state_dict().items() if not k.startswith(self.head_prefix)}
+        names = getattr(self, "task_names", [str(k) for k in range(len(self.heads))])
+        for name, head in zip(names, self.heads):
+            out.update({f"heads.{name}.{k}": v for k, v in head.state_dict().items()})
+        return out
+
+    def artifact_metadata(self) -> dict:
+        return {**super().artifact_metadata(), "merge": self.describe_merge(), "backdoored": self.backdoored}
+
+    def artifact_parents(self) -> list[dict]:
+        return list(self._parents)
+
+    def describe_merge(self) -> dict:
+        return self.rule.describe()
+
+
+class AdaMerging(MergeRecipe):
+    """AdaMerging: learn the merge coefficients by entropy minimisation on unlabelled data (Yang et al., ICLR 2024).
+
+    ``theta = theta_0 + sum_k lambda_{k(,l)} tau_{k(,l)}``; each step takes one batch of unlabelled images per
+    task and minimises ``sum_k H(softmax(head_k(f_theta(x_k))))``. Coefficients start at ``init`` (0.3, the
+    paper and fusion_bench) and are clamped to ``[0, 1]`` when used (fusion_bench's ``clamp_weights``).
+
+    Args:
+        net: the pool's architecture (see :class:`MergeRecipe`).
+        pretrained: artifact of the pretrained backbone.
+        task_models: artifacts of the task models, in the DataModule's task order.
+        granularity: ``task`` (one coefficient per task) or ``layer`` (one per task and tensor, the paper's best).
+        init: initial coefficient.
+        clamp: clamp the coefficients to ``[0, 1]``.
+        optimizer: optimizer of the coefficients (the paper: Adam, lr 1e-3).
+        head_prefix: prefix of the head's keys in ``net.state_dict()``.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        pretrained: str,
+        task_models: list[str],
+        granularity: Literal["task", "layer"] = "layer",
+        init: float = 0.3,
+        clamp: bool = True,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        head_prefix: str = "head.",
+    ):
+        super().__init__(net, pretrained, task_models, None, head_prefix)
+        self.save_hyperparameters(ignore=["net", "optimizer"])
+        if granularity not in ("task", "layer"):
+            raise ValueError(f"granularity must be 'task' or 'layer', got {granularity!r}")
+        self.granularity, self.init, self.clamp, self.optimizer = granularity, float(init), clamp, optimizer
+        self.merge_weights: nn.Parameter | None = None
+
+    def configure_model(self) -> None:
+        if self.merge_weights is not None:
+            return
+        super().configure_model()
+        num_tasks = len(self.task_vectors)
+        shape = (num_tasks,) if self.granularity == "task" else (num_tasks, len(self.pretrained_state))
+        self.merge_weights = nn.Parameter(torch.full(shape, self.init))
+        for p in [*self.net.parameters(), *self.heads.parameters()]:
+            p.requires_grad_(False)
+
+    def coefficients(self) -> torch.Tensor:
+        return self.merge_weights.clamp(0.0, 1.0) if self.clamp else self.merge_weights
+
+    def merged_state(self, masks: list[ops.StateDict | None] | None = None) -> ops.StateDict:
+        return ops.weighted_merge(self.pretrained_state, self.task_vectors, self.coefficients(), masks)
+
+    def entropy_loss(
+        self, batch: dict, state: ops.StateDict, perturbations: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``sum_k H(head_k(f_state(x_k (+ delta_k))))`` over the tasks of one unlabelled batch."""
+        total = 0.0
+        for k, name in enumerate(self.task_names):
+            x = batch[name][0]
+            if perturbations is not None:
+                x = x + perturbations[k]
+            total = total + ops.entropy(self.forward_merged(x, k, state))
+        return total
+
+    def configure_optimizers(self):
+        return self.optimizer([self.merge_weights])
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        opt = self.optimizers()
+        opt = opt[0] if isinstance(opt, list) else opt  # subclasses add optimizers after the coefficients'
+        loss = self.entropy_loss(batch, self.merged_state())
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        self.log("train/entropy", loss, prog_bar=True)
+        return loss
+
+    def describe_merge(self) -> dict:
+        return {"rule": type(self).__name__, "granularity": self.granularity,
+                "coefficients": self.coefficients().detach().cpu().tolist()}  # fmt: skip
