@@ -19,7 +19,7 @@ from datamodules.base import BackdoorDataModule, TensorBatchDataset
 from datamodules.poisoning import Poisoning
 from datamodules.sources import load_image_dataset
 from datamodules.triggers import ImageTrigger
-from lightning_modules.ops.partition import dirichlet_partition, iid_partition, shard_partition
+from lightning_modules.ops.partition import class_partition, dirichlet_partition, iid_partition, shard_partition
 
 
 class FederatedDataModule(BackdoorDataModule):
@@ -27,7 +27,9 @@ class FederatedDataModule(BackdoorDataModule):
     a test split.
 
     Partitions (see :mod:`lightning_modules.ops.partition`): ``iid`` (McMahan et al. 2017), ``dirichlet``
-    label skew (Hsu et al. 2019) and ``shards`` (McMahan et al.'s pathological non-IID). Clients' data is
+    label skew (Hsu et al. 2019), ``shards`` (McMahan et al.'s pathological non-IID) and ``classes`` (exactly
+    ``classes_per_client`` distinct classes per client, the pathological split of LG-FedAvg, FedRep and
+    FedSelect). Clients' data is
     clean; a malicious client poisons its own batches with :meth:`poison_batch`. Images are scaled to
     ``[0, 1]`` (pixel space, where triggers are stamped) and standardised with the mean and std of the
     training pixels, as in :class:`~datamodules.images.ImageClassificationDataModule` (for colour images one mean
@@ -38,7 +40,7 @@ class FederatedDataModule(BackdoorDataModule):
         dataset: ``mnist``, ``fashion-mnist``, ``digits`` (scikit-learn 8x8) or ``cifar10`` (3x32x32; a cluster
             asset: ``python -m recipes.assets download cifar10``).
         num_clients: Number of clients the training split is partitioned into.
-        partition: ``iid``, ``dirichlet`` or ``shards``.
+        partition: ``iid``, ``dirichlet``, ``shards`` or ``classes``.
         alpha: Dirichlet concentration for ``partition="dirichlet"`` (0.5: moderate skew; must be > 0).
         shards_per_client: Shards per client for ``partition="shards"``.
         min_samples_per_client: Smallest client (train + test) a Dirichlet draw may give; draws are repeated
@@ -52,13 +54,14 @@ class FederatedDataModule(BackdoorDataModule):
         rounds_per_epoch: Rounds per Lightning epoch, i.e. the evaluation period in rounds.
         eval_batch_size: Batch size of the evaluation loaders.
         seed: Seed of the training subset, the partition and the client test splits.
+        classes_per_client: Distinct classes per client for ``partition="classes"``.
     """
 
     def __init__(
         self,
         dataset: Literal["mnist", "fashion-mnist", "digits", "cifar10"] = "mnist",
         num_clients: int = 100,
-        partition: Literal["iid", "dirichlet", "shards"] = "dirichlet",
+        partition: Literal["iid", "dirichlet", "shards", "classes"] = "dirichlet",
         alpha: float = 0.5,
         shards_per_client: int = 2,
         min_samples_per_client: int = 10,
@@ -69,12 +72,13 @@ class FederatedDataModule(BackdoorDataModule):
         rounds_per_epoch: int = 5,
         eval_batch_size: int = 1000,
         seed: int = 0,
+        classes_per_client: int = 2,
     ):
         super().__init__(poisoning, eval_batch_size, eval_batch_size, False, 0, seed)
         if poisoning is not None and not isinstance(poisoning.trigger, ImageTrigger):
             raise ValueError(f"{type(poisoning.trigger).__name__} is a text trigger; image data needs an image trigger")
-        if partition not in ("iid", "dirichlet", "shards"):
-            raise ValueError(f"partition must be 'iid', 'dirichlet' or 'shards', got {partition!r}")
+        if partition not in ("iid", "dirichlet", "shards", "classes"):
+            raise ValueError(f"partition must be 'iid', 'dirichlet', 'shards' or 'classes', got {partition!r}")
         if partition == "dirichlet" and not alpha > 0:
             raise ValueError(f"Dirichlet alpha must be > 0, got {alpha}; e.g. 0.5, or use partition='iid'")
         if num_clients < 1 or rounds_per_epoch < 1:
@@ -84,6 +88,7 @@ class FederatedDataModule(BackdoorDataModule):
         self.dataset, self.num_clients, self.partition = dataset, num_clients, partition
         self.alpha, self.shards_per_client, self.min_samples_per_client = alpha, shards_per_client, min_samples_per_client
         self.client_test_fraction, self.train_size, self.test_size = client_test_fraction, train_size, test_size
+        self.classes_per_client = classes_per_client
         self.rounds_per_epoch = rounds_per_epoch
         self.num_classes = 10
         self.mean, self.std = 0.0, 1.0
@@ -106,8 +111,10 @@ class FederatedDataModule(BackdoorDataModule):
             parts = iid_partition(len(self.train_y), self.num_clients, gen)
         elif self.partition == "dirichlet":
             parts = dirichlet_partition(self.train_y, self.num_clients, self.alpha, gen, self.min_samples_per_client)
-        else:
+        elif self.partition == "shards":
             parts = shard_partition(self.train_y, self.num_clients, self.shards_per_client, gen)
+        else:
+            parts = class_partition(self.train_y, self.num_clients, self.classes_per_client, gen)
         self.client_train_idx, self.client_test_idx = [], []
         for i, part in enumerate(parts):
             part = part[torch.randperm(len(part), generator=gen)]
@@ -182,6 +189,7 @@ class FederatedDataModule(BackdoorDataModule):
         out["federated"] = {
             "dataset": self.dataset, "num_clients": self.num_clients, "partition": self.partition,
             "alpha": self.alpha, "shards_per_client": self.shards_per_client, "seed": self.seed,
+            "classes_per_client": self.classes_per_client,
         }  # fmt: skip
         return out
 

@@ -67,3 +67,8 @@ from lightning_modules.merging import (  # noqa: E402
 )
 
 __all__ += ["AdaMerging", "DAM", "Dare", "MergeRecipe", "MergeRule", "TaskArithmetic", "TaskFineTuning", "Ties"]
+
+from lightning_modules.fedselect import FedSelect  # noqa: E402
+from lightning_modules.pfl import Ditto, FedPer, LGFedAvg, PersonalizedFedAvg  # noqa: E402
+
+__all__ += ["Ditto", "FedPer", "FedSelect", "LGFedAvg", "PersonalizedFedAvg"]

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["dirichlet_partition", "iid_partition", "shard_partition"]
+__all__ = ["class_partition", "dirichlet_partition", "iid_partition", "shard_partition"]
 
 
 def _check_clients(n: int, num_clients: int) -> None:
@@ -149,3 +149,55 @@ def shard_partition(
     shards = by_label[: num_shards * shard_size].view(num_shards, shard_size)
     deal = torch.randperm(num_shards, generator=generator).view(num_clients, shards_per_client)
     return [shards[row].flatten().sort().values for row in deal]
+
+
+def class_partition(
+    labels: Tensor, num_clients: int, classes_per_client: int, generator: torch.Generator | None = None
+) -> list[Tensor]:
+    """Pathological non-IID split with exactly ``classes_per_client`` distinct classes per client.
+
+    The "k classes per client" split of LG-FedAvg (Liang et al. 2020), FedRep (Collins et al., ICML 2021) and
+    FedSelect (Tamirisa et al., CVPR 2024; ``shard_per_user=2``). Unlike :func:`shard_partition`, no client gets
+    one class twice or a shard that straddles two classes. Clients pick their classes one after another,
+    each taking the ``classes_per_client`` classes held by the fewest clients so far (random among ties),
+    so every class is held by ``num_clients * classes_per_client / num_classes`` clients (up to one more or
+    less); each class's shuffled samples are then cut into equal chunks, one per client holding it.
+
+    Args:
+        labels: Integer class labels ``[n]``.
+        num_clients: Number of clients.
+        classes_per_client: Distinct classes per client, ``1 <= classes_per_client <= num_classes``.
+        generator: RNG of the class choice and of the within-class order.
+
+    Returns:
+        One sorted index tensor per client. Samples of classes no client holds (when ``num_clients *
+        classes_per_client < num_classes``) are left out.
+    """
+    labels = _check_labels(labels)
+    n = len(labels)
+    _check_clients(n, num_clients)
+    classes = labels.unique()
+    if not 1 <= classes_per_client <= len(classes):
+        raise ValueError(
+            f"classes_per_client must be in [1, {len(classes)}] (the classes present), got {classes_per_client}"
+        )
+    held = torch.zeros(len(classes))
+    holders: list[list[int]] = [[] for _ in classes]
+    for client in range(num_clients):
+        tie_break = torch.rand(len(classes), generator=generator) * 0.5  # < 1: never beats a count difference
+        for k in (held + tie_break).argsort()[:classes_per_client].tolist():
+            holders[k].append(client)
+            held[k] += 1
+    parts: list[list[Tensor]] = [[] for _ in range(num_clients)]
+    for k, cls in enumerate(classes):
+        if not holders[k]:
+            continue
+        idx = (labels == cls).nonzero().flatten()
+        if len(idx) < len(holders[k]):
+            raise ValueError(
+                f"class {int(cls)} has {len(idx)} samples for {len(holders[k])} clients; use fewer clients or more data"
+            )
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        for client, chunk in zip(holders[k], idx.tensor_split(len(holders[k]))):
+            parts[client].append(chunk)
+    return [torch.cat(p).sort().values for p in parts]
