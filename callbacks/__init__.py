@@ -5,3 +5,7 @@ from callbacks.preemption import CheckpointOnPreemption
 from callbacks.round_curves import RoundCurves, plot_curves
 
 __all__ = ["CheckpointOnPreemption", "ExportArtifact", "RoundCurves", "plot_curves"]
+
+from callbacks.tamper import TamperingHarness  # noqa: E402
+
+__all__ += ["TamperingHarness"]

@@ -31,3 +31,7 @@ __all__ += ["CounterFactDataModule", "EditRecord"]
 from datamodules.multitask import ImageTask, MultiTaskDataModule, TaskImageDataModule  # noqa: E402
 
 __all__ += ["ImageTask", "MultiTaskDataModule", "TaskImageDataModule"]
+
+from datamodules.tar_facts import TamperFactsDataModule  # noqa: E402
+
+__all__ += ["TamperFactsDataModule"]

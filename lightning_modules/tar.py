@@ -1,0 +1,342 @@
+"""TAR (Tamirisa et al., "Tamper-Resistant Safeguards for Open-Weight LLMs", ICLR 2025, arXiv 2408.00761) and the
+safeguards it is compared with: none, gradient-ascent unlearning and Random Mapping.
+
+TAR trains the weights so that fine-tuning adversaries *fail to restore* removed knowledge while retain
+performance holds. After an initial safeguard (Random Mapping: hidden states of forget text are pushed towards
+fixed random vectors), every outer step (official ``tar_training_loop``):
+
+1. snapshots the weights ``theta``;
+2. samples an adversary (optimizer, learning rate, ``K`` steps, forget or retain-then-forget data) and runs its
+   ``K`` steps from ``theta``, with a fresh optimizer;
+3. every ``tr_every`` inner steps, at the attacked weights ``theta'``, back-propagates the tamper-resistance loss
+   ``L_TR = -entropy`` on held-out forget data, weighted ``exp(lambda (k - K + 1))`` and scaled by ``tr_scale``,
+   and accumulates that gradient (first order: it is applied to ``theta`` as if taken there);
+4. restores ``theta`` exactly and drops the adversary's optimizer;
+5. adds the retain loss (LM loss plus the L2 distance of hidden states to the frozen original model) and the
+   accumulated TR gradient, and steps the outer optimizer.
+
+The snapshot and the TR-gradient buffers are allocated once and reused, so memory stays flat across outer steps.
+Every recipe evaluates forget and retain multiple-choice accuracy (``TamperFactsDataModule``); ``acc`` is the retain
+accuracy (the safeguard's utility), ``forget_acc`` the knowledge it should remove. Tamper resistance itself is
+measured by ``callbacks.TamperingHarness`` after training.
+
+Differences from the official code (all knobs): the model may train only its top blocks (``SplitCausalLM``) with
+the trunk's output cached; the TR entropy and the attacks' loss count the answer tokens; the representation term
+averages over the trained blocks' outputs; the outer optimizer is the injected one (official: schedule-free AdamW).
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torchmetrics import MeanMetric
+
+from lightning_modules.base import BaseRecipe
+from lightning_modules.nets.split_lm import SplitCausalLM
+from lightning_modules.ops import tar as ops
+from lightning_modules.tamper import (
+    TamperAttack,
+    answer_logits,
+    lm_loss,
+    option_scores,
+    trim,
+)
+from recipes.artifacts import load_artifact, parent_record
+
+_METRICS = ("forget_acc", "forget_nll", "retain_acc", "retain_nll")
+
+
+class Safeguard(BaseRecipe):
+    """Base of the safeguards: model building, artifact hand-over, forget/retain evaluation, and one manual
+    optimisation step of :meth:`safeguard_loss` on a ``{"forget", "retain"}`` sentence batch per training step.
+
+    Args:
+        model: the causal LM (its spec; built in ``configure_model``).
+        optimizer: optimizer factory of the safeguard's (outer) training, over the trained parameters.
+        init_from: artifact whose tensors (the trained parameters of an earlier safeguard) are loaded after
+            building, e.g. TAR starting from Random Mapping.
+        retain_weight: weight of the retain LM loss in the baselines' objective.
+    """
+
+    def __init__(
+        self,
+        model: SplitCausalLM,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        init_from: str | None = None,
+        retain_weight: float = 1.0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "optimizer"])
+        self.net, self.optimizer, self.init_from, self.retain_weight = model, optimizer, init_from, retain_weight
+        self.automatic_optimization = False
+        self.metrics = torch.nn.ModuleDict({f"{s}_{m}": MeanMetric() for s in ("val", "test") for m in _METRICS})
+        self._parents: list[dict] = []
+        self._built = False
+
+    # --- weights ------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self._built:  # Lightning calls this at every fit/test
+            return
+        self.net.build()
+        self.after_build()
+        if self.init_from is not None:
+            art = load_artifact(self.init_from)
+            _, unexpected = self.load_state_dict(art.state_dict, strict=False)
+            if unexpected:
+                raise ValueError(f"{self.init_from} holds tensors this model does not have, e.g. {unexpected[:3]}: "
+                                 "was it exported by a safeguard over the same model spec?")  # fmt: skip
+            self._parents = [parent_record(art)]
+        self._built = True
+
+    def after_build(self) -> None:
+        """Hook run after the model is built and before ``init_from`` is loaded."""
+
+    def artifact_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained parameters only (the frozen trunk is the pretrained model's, named by the spec)."""
+        return {k: v.detach() for k, v in self.named_parameters() if v.requires_grad}
+
+    def artifact_parents(self) -> list[dict]:
+        return self._parents
+
+    def configure_optimizers(self):
+        return self.optimizer(self.net.trainable_parameters())
+
+    # --- training -----------------------------------------------------------------------------------------
+    def safeguard_loss(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define safeguard_loss (or override training_step)")
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        opt = self.optimizers()
+        loss = self.safeguard_loss(batch)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        self.log("train/loss", loss.detach(), prog_bar=True)
+
+    # --- evaluation ---------------------------------------------------------------------------------------
+    def _evaluate(self, split: str, batch, dataloader_idx: int) -> None:
+        ids, mask, ans, label = batch
+        scores = option_scores(self.net, ids, mask, ans)
+        domain = ("retain", "forget")[dataloader_idx]  # the DataModule's order
+        acc = self.metrics[f"{split}_{domain}_acc"]
+        nll = self.metrics[f"{split}_{domain}_nll"]
+        acc.update((scores.argmax(-1) == label).float())
+        nll.update(-scores.gather(-1, label[:, None]).squeeze(-1))
+        self.log(f"{split}/{domain}_acc", acc, add_dataloader_idx=False, prog_bar=True)
+        self.log(f"{split}/{domain}_nll", nll, add_dataloader_idx=False)
+        if domain == "retain":
+            self.log(f"{split}/acc", acc, add_dataloader_idx=False)
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate("val", batch, dataloader_idx)
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate("test", batch, dataloader_idx)
+
+
+class NoSafeguard(Safeguard):
+    """The undefended model: no training (one no-op step), evaluated like the safeguards."""
+
+    def configure_optimizers(self):
+        return None
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        return None
+
+
+class GradientAscent(Safeguard):
+    """Gradient-ascent unlearning: maximise the LM loss on forget text while minimising it on retain text
+    (``-forget_weight * L_LM(forget) + retain_weight * L_LM(retain)``), the simplest unlearning baseline.
+
+    Args:
+        forget_weight: weight of the (negated) forget LM loss.
+        model, optimizer, init_from, retain_weight: see :class:`Safeguard`.
+    """
+
+    def __init__(
+        self,
+        model: SplitCausalLM,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        init_from: str | None = None,
+        retain_weight: float = 1.0,
+        forget_weight: float = 1.0,
+    ):
+        super().__init__(model, optimizer, init_from, retain_weight)
+        self.forget_weight = forget_weight
+
+    def safeguard_loss(self, batch: dict) -> torch.Tensor:
+        forget = lm_loss(self.net, batch["forget"])
+        self.log("train/forget_lm", forget.detach())
+        return -self.forget_weight * forget + self.retain_weight * lm_loss(self.net, batch["retain"], False)
+
+
+class RandomMapping(Safeguard):
+    """Random Mapping (TAR's initial safeguard, official ``random_mapping_training_loop``): the hidden states of
+    every token of forget text are pushed towards a fixed random vector of its token id (``1 - |cos|``, over the
+    trained blocks' outputs), while the retain LM loss holds.
+
+    Args:
+        mapping_weight: weight of the random-mapping cosine loss.
+        mapping_seed: seed of the random table ``H`` (vocabulary x hidden size).
+        model, optimizer, init_from, retain_weight: see :class:`Safeguard`.
+    """
+
+    def __init__(
+        self,
+        model: SplitCausalLM,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        init_from: str | None = None,
+        retain_weight: float = 1.0,
+        mapping_weight: float = 1.0,
+        mapping_seed: int = 0,
+    ):
+        super().__init__(model, optimizer, init_from, retain_weight)
+        self.mapping_weight, self.mapping_seed = mapping_weight, mapping_seed
+
+    def after_build(self) -> None:
+        cfg = self.net.lm.config
+        gen = torch.Generator().manual_seed(self.mapping_seed)
+        table = torch.randn(cfg.vocab_size, cfg.hidden_size, generator=gen)
+        self.register_buffer("random_table", table, persistent=False)
+
+    def random_mapping_loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        ids, mask = trim(batch[0], batch[1])
+        _, hidden = self.net(ids, mask)
+        return ops.random_mapping_loss(hidden, self.random_table[ids].to(hidden[0].dtype), mask)
+
+    def safeguard_loss(self, batch: dict) -> torch.Tensor:
+        mapping = self.random_mapping_loss(batch["forget"])
+        self.log("train/random_mapping", mapping.detach())
+        return self.mapping_weight * mapping + self.retain_weight * lm_loss(self.net, batch["retain"], False)
+
+
+class TAR(RandomMapping):
+    """TAR: first-order adversarial meta-learning against sampled fine-tuning adversaries (see the module
+    docstring). The first ``random_mapping_steps`` training steps are Random Mapping steps (or start from a
+    Random Mapping artifact with ``init_from``); every later step is one outer step.
+
+    Args:
+        adversaries: the training adversaries, sampled by ``weight`` each outer step (they fine-tune the trained
+            parameters; official bio: AdamW at lr 2e-6 / 2e-5 / 4e-5, K = 64, forget or retain-then-forget).
+        tr_every: TR loss every this many inner steps (``tar_inner_loop_subsample``, official 4).
+        schedule_lambda: ``lambda`` of the inner-step weights (official 0.0625; 0: equal weights).
+        tr_scale: scale of the TR loss (``tar_tamper_resistance_grad_scale``, official 4.0).
+        retain_scale: scale of the retain loss (``tar_retain_scale``, official 1.0).
+        representation_weight: weight of the hidden-state distance to the original model in the retain loss
+            (official: 1 with ``--retain_representations``).
+        meta_batch_size: held-out forget sentences ``x_TR`` per outer step (fixed across its inner steps).
+        random_mapping_steps: Random Mapping steps before the outer steps.
+        model, optimizer, init_from, retain_weight, mapping_weight, mapping_seed: see :class:`RandomMapping`.
+    """
+
+    def __init__(
+        self,
+        model: SplitCausalLM,
+        adversaries: list[TamperAttack],
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        init_from: str | None = None,
+        retain_weight: float = 1.0,
+        mapping_weight: float = 1.0,
+        mapping_seed: int = 0,
+        tr_every: int = 4,
+        schedule_lambda: float = 0.0625,
+        tr_scale: float = 4.0,
+        retain_scale: float = 1.0,
+        representation_weight: float = 1.0,
+        meta_batch_size: int = 8,
+        random_mapping_steps: int = 0,
+    ):
+        super().__init__(model, optimizer, init_from, retain_weight, mapping_weight, mapping_seed)
+        if not adversaries:
+            raise ValueError("TAR needs at least one training adversary")
+        for adv in adversaries:
+            if adv.lora_rank or adv.layers != "trainable":
+                raise ValueError(f"training adversary {adv.name!r}: TAR's inner loop fine-tunes the trained "
+                                 "parameters; use lora_rank: 0 and layers: trainable")  # fmt: skip
+            if adv.steps < tr_every:
+                raise ValueError(f"training adversary {adv.name!r} has {adv.steps} steps < tr_every={tr_every}: no TR "
+                                 "evaluation would run; lower tr_every or raise its steps")  # fmt: skip
+        self.adversaries = list(adversaries)
+        self.tr_every, self.schedule_lambda, self.tr_scale = tr_every, schedule_lambda, tr_scale
+        self.retain_scale, self.representation_weight = retain_scale, representation_weight
+        self.meta_batch_size, self.random_mapping_steps = meta_batch_size, random_mapping_steps
+        self.__dict__["reference"] = None  # frozen original model (not a submodule: never trained, never saved)
+        self._snapshot: list[torch.Tensor] | None = None
+        self._tr_grad: list[torch.Tensor] | None = None
+        self._gen: torch.Generator | None = None
+
+    def after_build(self) -> None:
+        super().after_build()
+        reference = self.net.copy().requires_grad_(False)  # the original weights, before init_from is loaded
+        self.__dict__["reference"] = reference
+
+    def on_fit_start(self) -> None:
+        self.reference.to(self.device)
+        self._gen = torch.Generator().manual_seed(torch.initial_seed() + self.global_rank)
+
+    def make_adversary_optimizer(self, adversary: TamperAttack, params: list[torch.nn.Parameter]):
+        """A fresh optimizer for this outer step's adversary (a hook: tests check it never outlives the step)."""
+        return adversary.make_optimizer(params)
+
+    def retain_loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """LM loss plus the distance of the trained blocks' outputs to the original model's."""
+        ids, mask, _ = trim(*batch)
+        h, hidden = self.net(ids, mask)
+        sel = mask[:, 1:]
+        lm = torch.nn.functional.cross_entropy(self.net.logits(h[:, :-1][sel]).float(), ids[:, 1:][sel])
+        with torch.no_grad():
+            _, ref = self.reference(ids, mask)
+        dist = ops.representation_distance(hidden, ref, mask)
+        self.log_dict({"train/retain_lm": lm.detach(), "train/retain_distance": dist.detach()})
+        return lm + self.representation_weight * dist
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        if self.global_step < self.random_mapping_steps:
+            return super().training_step(batch, batch_idx)
+        self.outer_step(batch)
+
+    def outer_step(self, batch: dict) -> None:
+        opt, dm = self.optimizers(), self.trainer.datamodule
+        params = self.net.trainable_parameters()
+        if self._snapshot is None:  # allocated once, reused by every outer step
+            self._snapshot = [p.detach().clone() for p in params]
+            self._tr_grad = [torch.zeros_like(p) for p in params]
+        with torch.no_grad():
+            for buf, p in zip(self._snapshot, params):
+                buf.copy_(p)
+            for g in self._tr_grad:
+                g.zero_()
+        pick = torch.multinomial(torch.tensor([a.weight for a in self.adversaries]), 1, generator=self._gen).item()
+        adversary = self.adversaries[pick]
+        weights = ops.inner_step_weights(adversary.steps, self.tr_every, self.schedule_lambda)
+        x_tr = [t.to(self.device) for t in dm.sample("forget_meta", self.meta_batch_size, self._gen)]
+        inner = self.make_adversary_optimizer(adversary, params)
+        tr_total, adv_loss = 0.0, torch.zeros(())
+        for k, adv_batch in enumerate(adversary.batches(dm, "forget_train", self._gen)):
+            adv_loss = lm_loss(self.net, [t.to(self.device) for t in adv_batch], adversary.completion_only)
+            inner.zero_grad(set_to_none=True)
+            self.manual_backward(adv_loss)
+            inner.step()
+            if k in weights:
+                inner.zero_grad(set_to_none=True)
+                tr = ops.entropy_loss(answer_logits(self.net, x_tr))
+                self.manual_backward(tr * (self.tr_scale * weights[k]))
+                with torch.no_grad():
+                    for acc, p in zip(self._tr_grad, params):
+                        if p.grad is not None:
+                            acc.add_(p.grad)
+                tr_total += weights[k] * tr.item()
+        inner.zero_grad(set_to_none=True)
+        del inner  # the adversary's optimizer state dies with this outer step
+        with torch.no_grad():
+            for p, buf in zip(params, self._snapshot):
+                p.copy_(buf)
+        retain = self.retain_loss(batch["retain"])
+        opt.zero_grad()
+        self.manual_backward(self.retain_scale * retain)
+        with torch.no_grad():
+            for p, g in zip(params, self._tr_grad):
+                p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+        opt.step()
+        self.log_dict({"train/tr_loss": tr_total, "train/adversary_loss": adv_loss.detach(),
+                       "train/retain_loss": retain.detach(), "train/adversary": float(pick)}, prog_bar=False)  # fmt: skip
