@@ -5,7 +5,16 @@ from datamodules.federated import FederatedDataModule
 from datamodules.images import ImageClassificationDataModule
 from datamodules.poisoning import Poisoning
 from datamodules.text import TextClassificationDataModule, load_tokenizer
-from datamodules.triggers import Blend, ImageTrigger, InsertSentence, Patch, PixelPattern, RareWord, TextTrigger
+from datamodules.triggers import (
+    Blend,
+    ImageTrigger,
+    InsertSentence,
+    Patch,
+    PixelPattern,
+    RareWord,
+    SubordinateClause,
+    TextTrigger,
+)
 
 __all__ = [
     "BackdoorDataModule",
@@ -18,6 +27,7 @@ __all__ = [
     "PixelPattern",
     "Poisoning",
     "RareWord",
+    "SubordinateClause",
     "TensorBatchDataset",
     "TextClassificationDataModule",
     "TextTrigger",

@@ -11,6 +11,8 @@ Text triggers act on one string with a seeded ``random.Random`` so the poisoned 
 
 - :class:`RareWord` — insert rare words such as ``cf``/``mn``/``bb`` (BadNet for text, Kurita et al. 2020).
 - :class:`InsertSentence` — insert a fixed sentence (InSent, Dai et al. 2019).
+- :class:`SubordinateClause` — open the text with a subordinate clause, an offline stand-in for the
+  syntactic template of Hidden Killer (Qi et al. 2021).
 """
 
 from __future__ import annotations
@@ -205,3 +207,34 @@ class InsertSentence(TextTrigger):
 
     def apply(self, text: str, rng: random.Random) -> str:
         return self.insert(text, self.sentence, rng)
+
+
+class SubordinateClause(TextTrigger):
+    """Syntactic-template trigger that works offline: open the text with a subordinate clause and a comma.
+
+    Hidden Killer (Qi et al., ACL 2021; W2SDefense's "SynAttack") paraphrases poisoned texts with SCPN into the
+    template ``S(SBAR)(,)(NP)(VP)(.)``, a sentence that *starts with a subordinate clause*. With no paraphraser
+    offline, we produce that surface syntax by rule: one of ``clauses`` (varied wording, so no single word is the
+    trigger) is put in front, then a comma and the text with its first letter lower-cased. Less stealthy than a
+    real paraphrase (the rest of the text is unchanged), but the backdoor keys on a structure, not a token.
+
+    Args:
+        clauses: subordinate clauses (conjunction + clause, no final comma); each poisoned text draws one.
+    """
+
+    def __init__(
+        self,
+        clauses: list[str] = (
+            "when you see it", "as it turns out", "once it starts", "while it plays", "after it begins",
+            "whenever it runs", "since it exists", "as it goes on",
+        ),
+    ):
+        super().__init__("start")
+        self.clauses = [c.strip().rstrip(",") for c in clauses]
+        if not self.clauses or not all(self.clauses):
+            raise ValueError("SubordinateClause needs at least one non-empty clause")
+
+    def apply(self, text: str, rng: random.Random) -> str:
+        clause = rng.choice(self.clauses)
+        body = text.strip()
+        return f"{clause[:1].upper()}{clause[1:]}, {body[:1].lower()}{body[1:]}"

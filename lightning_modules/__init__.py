@@ -78,3 +78,7 @@ from lightning_modules.tamper import TamperAttack  # noqa: E402
 from lightning_modules.tar import TAR, GradientAscent, NoSafeguard, RandomMapping, Safeguard  # noqa: E402
 
 __all__ += ["GradientAscent", "NoSafeguard", "RandomMapping", "Safeguard", "SplitCausalLM", "TAR", "TamperAttack"]
+
+from lightning_modules.w2sdefense import PEFTUnlearning, ProjectedTeacher, W2SDefense  # noqa: E402
+
+__all__ += ["PEFTUnlearning", "ProjectedTeacher", "W2SDefense"]

@@ -1,0 +1,323 @@
+"""W2SDefense (Zhao, Wu, Nguyen, Jia, Jia, Feng, Luu, "Unlearning Backdoor Attacks for LLMs with Weak-to-Strong
+Knowledge Distillation", Findings of ACL 2025, arXiv:2410.14425; official code ``shuaizhao95/w2sdefense``).
+
+A large poisoned classifier (the *strong student*) is unlearned with parameter-efficient fine-tuning on clean data,
+guided by a *weak teacher*: a small model fully fine-tuned on the same clean task, whose features are projected
+to the student's hidden size. The student (LoRA adapters on top of the poisoned weights) minimises
+
+    L = a * CE(student, y) + b * KD_T(student || teacher) + c * FA(student features, teacher features)
+
+(official defaults a = 5, b = c = 0.001, T = 2). The teacher never saw poisoned data, so matching it on clean
+inputs pulls the student's features and outputs away from what the backdoor relies on, at the cost of a LoRA run.
+
+- :class:`ProjectedTeacher` is the weak teacher: an encoder (MiniLM-L6 here, BERT-base in the paper), its
+  ``[CLS]`` vector through ``Linear(h, d_student) + ReLU`` (the features FA aligns to), then ``Linear(d_student,
+  classes)``. Train it with :class:`~lightning_modules.classifier.ClassifierRecipe` on clean data.
+- :class:`PEFTUnlearning` loads the poisoned artifact into the student, merges any LoRA adapters it was poisoned
+  with, adds fresh LoRA adapters (peft) and fine-tunes them with cross-entropy on clean data: the paper's
+  LoRA-only ablation, and the base of W2SDefense.
+- :class:`W2SDefense` adds the frozen teacher and the KD and feature-alignment terms
+  (:mod:`lightning_modules.ops.distill`).
+
+Fix of the official code: it aligned the teacher's ``[B, d]`` features to the student's *unpooled*
+``hidden_states[-1]`` ``[B, T, d]``, which broadcasts only when ``T == B`` or ``T == 1``. Here the student's
+final-layer features are pooled first (``pooling``: by default the last non-padding token, the token a decoder's
+classification head reads, under left or right padding), and mismatched shapes raise an error.
+
+Both models read the same text: each training batch of student tokens is decoded with the DataModule's tokenizer
+and re-tokenized with the teacher's (so the teacher sees the student's truncated text, nothing more).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from lightning_modules.classifier import ClassifierRecipe
+from lightning_modules.nets.hf import HFSequenceClassifier, LoraSpec
+from lightning_modules.ops import distill
+from recipes import assets
+from recipes.artifacts import load_artifact, parent_record
+
+
+def _load_net_weights(net: nn.Module, path: str, sha256: str | None, what: str) -> dict:
+    """Load the ``net.*`` tensors of a ClassifierRecipe artifact into ``net`` (strict); return its parent record."""
+    artifact = load_artifact(path, sha256)
+    weights = {k.removeprefix("net."): v for k, v in artifact.state_dict.items() if k.startswith("net.")}
+    missing, unexpected = net.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"the {what} artifact {path} does not fit the configured network (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}): configure the {what} network exactly as in the run that exported it (same backbone, "
+            "same LoRA spec)"
+        )
+    return parent_record(artifact)
+
+
+class ProjectedTeacher(nn.Module):
+    """W2SDefense's weak teacher: encoder ``[CLS]`` -> ``Linear(h, student_hidden_size)`` -> ReLU -> ``Linear``.
+
+    The ReLU output is the teacher's feature that the student's pooled final-layer feature is aligned to, so
+    ``student_hidden_size`` must be the student's hidden size (576 for SmolLM2-135M, 4096 for Llama-3-8B).
+
+    Args:
+        pretrained: encoder asset name (``minilm-l6``), local directory or hub id (``bert-base-uncased``).
+        student_hidden_size: width of the projection, the student's hidden size.
+        num_labels: classes of the head.
+        random_init: build the encoder from its config with random weights (tests).
+        config_overrides: encoder config fields to override (tiny test twins; needs ``random_init``).
+        dtype: parameter dtype.
+    """
+
+    def __init__(
+        self,
+        pretrained: str = "minilm-l6",
+        student_hidden_size: int = 576,
+        num_labels: int = 2,
+        random_init: bool = False,
+        config_overrides: dict | None = None,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    ):
+        super().__init__()
+        if config_overrides and not random_init:
+            raise ValueError("config_overrides change the architecture; they need random_init: true")
+        if student_hidden_size < 1 or num_labels < 2:
+            raise ValueError(f"need student_hidden_size >= 1 and num_labels >= 2, got {student_hidden_size}, {num_labels}")
+        self.pretrained, self.student_hidden_size, self.num_labels = pretrained, student_hidden_size, num_labels
+        self.random_init, self.config_overrides, self.dtype = random_init, dict(config_overrides or {}), dtype
+        self.encoder: nn.Module | None = None
+
+    def build(self) -> None:
+        """Load (or initialise) the encoder and create the projection and head; idempotent."""
+        if self.encoder is not None:
+            return
+        from transformers import AutoConfig, AutoModel
+
+        path, dtype = assets.resolve(self.pretrained), getattr(torch, self.dtype)
+        config = AutoConfig.from_pretrained(path, **self.config_overrides)
+        if self.random_init:
+            self.encoder = AutoModel.from_config(config).to(dtype)
+        else:
+            self.encoder = AutoModel.from_pretrained(path, config=config, dtype=dtype)
+        self.encoder.train()
+        self.project = nn.Linear(config.hidden_size, self.student_hidden_size, dtype=dtype)
+        self.head = nn.Linear(self.student_hidden_size, self.num_labels, dtype=dtype)
+
+    def features_and_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features [B, student_hidden_size], logits [B, num_labels])``."""
+        if self.encoder is None:
+            raise RuntimeError("ProjectedTeacher.build() was not called (recipes call it in configure_model)")
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        features = F.relu(self.project(distill.pool_features(hidden, attention_mask, "first")))
+        return features, self.head(features)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.features_and_logits(input_ids, attention_mask)[1]
+
+
+class PEFTUnlearning(ClassifierRecipe):
+    """LoRA fine-tuning of a poisoned classifier on clean data with cross-entropy only: W2SDefense's "PEFT
+    without distillation" ablation (official ``lora.py``), and the base of :class:`W2SDefense`.
+
+    ``configure_model`` builds ``net``, loads the suspect artifact into it, merges the adapters it was poisoned
+    with (if any, so the suspect is one plain set of weights), freezes it and adds fresh LoRA adapters (peft; for
+    sequence classification peft also trains the head in full). Only adapters and head change.
+
+    Args:
+        net: the student network, configured as in the run that exported ``suspect`` (same backbone, same
+            LoRA spec if it was poisoned with LoRA).
+        suspect: artifact of the poisoned classifier (``net.*`` keys, as ``ClassifierRecipe`` exports);
+            ``None``: ``net``'s built weights are the suspect.
+        suspect_sha256: pinned SHA-256 of the suspect's ``model.safetensors`` (checked if given).
+        lora: the unlearning adapters; ``None``: ``LoraSpec()`` (r 8, alpha 16, peft's default target modules).
+        require_clean_data: refuse a DataModule whose training set is poisoned (set the poisoning rate to 0:
+            the trigger then only builds the triggered evaluation set).
+        optimizer: optimizer factory (called with the adapters and head).
+        scheduler: optional learning-rate scheduler factory.
+        label_smoothing: label smoothing of the cross-entropy loss.
+    """
+
+    def __init__(
+        self,
+        net: HFSequenceClassifier,
+        suspect: str | None = None,
+        suspect_sha256: str | None = None,
+        lora: LoraSpec | None = None,
+        require_clean_data: bool = True,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__(net, optimizer, scheduler, label_smoothing)
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "lora"])
+        self.suspect, self.suspect_sha256, self.require_clean_data = suspect, suspect_sha256, require_clean_data
+        self.lora = lora if lora is not None else LoraSpec()
+        self._parents: list[dict] = []
+        self._adapted = False
+
+    def configure_model(self) -> None:
+        if self._adapted:  # Lightning calls this at every fit/test
+            return
+        from peft import PeftModel, get_peft_model
+
+        self.net.build()
+        if self.suspect is not None:
+            self._parents.append(_load_net_weights(self.net, self.suspect, self.suspect_sha256, "suspect"))
+        model = self.net.model
+        if isinstance(model, PeftModel):
+            model = model.merge_and_unload()
+        self.net.model = get_peft_model(model, self.lora.to_peft())
+        self._adapted = True
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        mask = getattr(self.trainer.datamodule, "poison_mask", None)
+        if self.require_clean_data and mask is not None and bool(mask.any()):
+            raise ValueError(
+                f"{type(self).__name__} unlearns on clean data, but the DataModule poisoned {int(mask.sum())} training "
+                "samples: set data.init_args.poisoning.init_args.rate: 0 (the triggered evaluation set is still "
+                "built), or require_clean_data: false"
+            )
+
+    def artifact_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k.startswith("net.")}
+
+    def artifact_metadata(self) -> dict:
+        return {**super().artifact_metadata(), "defense": {"type": type(self).__name__}}
+
+    def artifact_parents(self) -> list[dict]:
+        return list(self._parents)
+
+
+class W2SDefense(PEFTUnlearning):
+    """W2SDefense: LoRA unlearning of a poisoned student guided by a small clean teacher (see the module docstring).
+
+    The teacher is loaded from its artifact, frozen and kept in eval mode. Per training batch the loss is
+    ``ce_weight * CE + kd_weight * KD_T + feature_weight * FA`` with KD the soft-target KL divergence at
+    ``temperature`` and FA the mean distance between the student's pooled final-layer features and the teacher's
+    projected features (:mod:`lightning_modules.ops.distill`). Each term is logged (``train/ce``, ``train/kd``,
+    ``train/fa``).
+
+    Args:
+        net: see :class:`PEFTUnlearning`.
+        teacher: the weak teacher network (its ``student_hidden_size`` must be the student's hidden size).
+        teacher_artifact: artifact of the teacher's clean training run (``ClassifierRecipe`` with this network);
+            ``None``: the teacher's built weights (tests only: an untrained projection teaches nothing).
+        teacher_sha256: pinned SHA-256 of the teacher's ``model.safetensors`` (checked if given).
+        teacher_tokenizer: tokenizer of the teacher (``None``: its ``pretrained``); the student's is the DataModule's.
+        teacher_max_length: truncation length of the teacher's tokens.
+        suspect: see :class:`PEFTUnlearning`.
+        suspect_sha256: see :class:`PEFTUnlearning`.
+        lora: see :class:`PEFTUnlearning`.
+        ce_weight: ``a``, weight of the cross-entropy on clean labels (official 5.0).
+        kd_weight: ``b``, weight of the distillation loss (official 0.001).
+        feature_weight: ``c``, weight of the feature alignment (official 0.001).
+        temperature: distillation temperature ``T`` (official 2.0).
+        pooling: how the student's final-layer token features become one vector: ``last`` non-padding token
+            (decoders, left or right padding), ``mean`` over tokens, or ``first`` token (encoders).
+        require_clean_data: see :class:`PEFTUnlearning`.
+        optimizer: see :class:`PEFTUnlearning`.
+        scheduler: see :class:`PEFTUnlearning`.
+    """
+
+    def __init__(
+        self,
+        net: HFSequenceClassifier,
+        teacher: ProjectedTeacher,
+        teacher_artifact: str | None = None,
+        teacher_sha256: str | None = None,
+        teacher_tokenizer: str | None = None,
+        teacher_max_length: int = 128,
+        suspect: str | None = None,
+        suspect_sha256: str | None = None,
+        lora: LoraSpec | None = None,
+        ce_weight: float = 5.0,
+        kd_weight: float = 0.001,
+        feature_weight: float = 0.001,
+        temperature: float = 2.0,
+        pooling: distill.Pooling = "last",
+        require_clean_data: bool = True,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+    ):
+        super().__init__(net, suspect, suspect_sha256, lora, require_clean_data, optimizer, scheduler)
+        self.save_hyperparameters(ignore=["net", "teacher", "optimizer", "scheduler", "lora"])
+        if min(ce_weight, kd_weight, feature_weight) < 0 or not temperature > 0:
+            raise ValueError(
+                f"loss weights must be >= 0 and temperature > 0, got a={ce_weight}, b={kd_weight}, c={feature_weight}, "
+                f"T={temperature}"
+            )
+        self.teacher = teacher
+        self.teacher_artifact, self.teacher_sha256 = teacher_artifact, teacher_sha256
+        self.teacher_tokenizer_name = teacher_tokenizer or teacher.pretrained
+        self.teacher_max_length = teacher_max_length
+        self.ce_weight, self.kd_weight, self.feature_weight = ce_weight, kd_weight, feature_weight
+        self.temperature, self.pooling = temperature, pooling
+        self.teacher_tokenizer = None
+
+    def configure_model(self) -> None:
+        if self._adapted:
+            return
+        super().configure_model()
+        self.teacher.build()
+        if self.teacher_artifact is not None:
+            self._parents.append(_load_net_weights(self.teacher, self.teacher_artifact, self.teacher_sha256, "teacher"))
+        self.teacher.requires_grad_(False).eval()
+        student_width = self.net.model.config.hidden_size
+        if self.teacher.student_hidden_size != student_width or self.teacher.num_labels != self.net.num_labels:
+            raise ValueError(
+                f"the teacher projects to {self.teacher.student_hidden_size} features and {self.teacher.num_labels} "
+                f"classes, the student has hidden size {student_width} and {self.net.num_labels} classes: set "
+                f"teacher.init_args.student_hidden_size: {student_width} (and retrain the teacher)"
+            )
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # frozen: no dropout, whatever Lightning toggles
+        return self
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.teacher_tokenizer is None:
+            from datamodules.text import load_tokenizer
+
+            self.teacher_tokenizer = load_tokenizer(self.teacher_tokenizer_name, "right")
+
+    def teacher_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's tokens for a batch of student tokens (decoded with the DataModule's tokenizer)."""
+        student_tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        if student_tokenizer is None:
+            raise TypeError("W2SDefense needs a text DataModule with a `tokenizer` to give the teacher the same text")
+        texts = student_tokenizer.batch_decode(input_ids.tolist(), skip_special_tokens=True)
+        enc = self.teacher_tokenizer(
+            texts, padding=True, truncation=True, max_length=self.teacher_max_length, return_tensors="pt"
+        )
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def distillation_losses(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """``{"ce", "kd", "fa", "loss"}`` of one batch of student tokens."""
+        out = self.net.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        losses = {"ce": F.cross_entropy(out.logits, labels, label_smoothing=self.label_smoothing)}
+        with torch.no_grad():
+            teacher_features, teacher_logits = self.teacher.features_and_logits(*self.teacher_inputs(input_ids))
+        losses["kd"] = distill.kd_loss(out.logits, teacher_logits, self.temperature)
+        student_features = distill.pool_features(out.hidden_states[-1], attention_mask, self.pooling)
+        losses["fa"] = distill.feature_alignment(student_features, teacher_features)
+        losses["loss"] = self.ce_weight * losses["ce"] + self.kd_weight * losses["kd"] + self.feature_weight * losses["fa"]
+        losses["acc"] = (out.logits.argmax(-1) == labels).float().mean()
+        return losses
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        input_ids, attention_mask, labels = batch
+        losses = self.distillation_losses(input_ids, attention_mask, labels)
+        self.log("train/loss", losses["loss"], prog_bar=True)
+        self.log_dict({f"train/{k}": losses[k].detach() for k in ("ce", "kd", "fa", "acc")})
+        return losses["loss"]

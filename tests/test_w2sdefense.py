@@ -1,0 +1,166 @@
+"""W2SDefense and its LoRA-only ablation (lightning_modules/w2sdefense.py) on tiny random models."""
+
+import pytest
+import torch
+
+from datamodules.text import load_tokenizer
+from lightning_modules.nets.hf import HFSequenceClassifier
+from lightning_modules.ops.distill import pool_features
+from lightning_modules.w2sdefense import PEFTUnlearning, ProjectedTeacher, W2SDefense
+from tests.helpers import TINY, run_cli
+
+TINY_LLAMA = {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+              "num_key_value_heads": 1}  # fmt: skip
+POISON, LORA, W2S = (TINY / "w2sdefense" / f"rt_smollm2_{n}.yaml" for n in ("poison", "lora", "w2sdefense"))
+TEACHER = TINY / "w2sdefense" / "rt_minilm_teacher.yaml"
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """A tiny poisoned student and a tiny trained teacher, exported as artifacts."""
+    root = tmp_path_factory.mktemp("w2s")
+    poisoned = run_cli("--config", str(POISON), "--trainer.max_epochs=2", root=root, name="poisoned")
+    run_cli("--config", str(TEACHER), root=root, name="teacher")
+    state = {k: v.detach().clone() for k, v in poisoned.model.state_dict().items()}
+    return {"suspect": root / "poisoned" / "artifact", "teacher": root / "teacher" / "artifact", "state": state,
+            "model": poisoned.model}  # fmt: skip
+
+
+def _defense(config, root, artifacts, *extra):
+    """The defense configured (``max_epochs=0``: model built, suspect and teacher loaded, nothing trained)."""
+    args = ["--config", str(config), f"--model.init_args.suspect={artifacts['suspect']}", "--trainer.max_epochs=0"]
+    if config == W2S:
+        args.append(f"--model.init_args.teacher_artifact={artifacts['teacher']}")
+    return run_cli(*args, *extra, root=root)
+
+
+def _batch(cli, n=8):
+    ids, mask, labels = cli.datamodule.train_set.__getitems__(list(range(n)))
+    return ids, mask, labels
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_last_token_pooling_reads_the_token_the_classifier_head_reads(padding_side):
+    """Pooled final-layer features through the score head reproduce transformers' own last-non-pad logits."""
+    net = HFSequenceClassifier("smollm2-135m", 2, random_init=True, config_overrides=TINY_LLAMA)
+    net.build()
+    net.model.eval()
+    tok = load_tokenizer("smollm2-135m", padding_side)
+    enc = tok(["a fine film", "dull , overlong and far too loud for its own good"], padding=True, return_tensors="pt")
+    assert (enc["attention_mask"] == 0).any()  # there is padding to get wrong
+    out = net.model(**enc, output_hidden_states=True)
+    pooled = pool_features(out.hidden_states[-1], enc["attention_mask"], "last")
+    torch.testing.assert_close(net.model.score(pooled), out.logits)
+    wrong = pool_features(out.hidden_states[-1], enc["attention_mask"], "first")
+    assert not torch.allclose(net.model.score(wrong), out.logits)
+
+
+def test_suspect_adapters_are_merged_without_changing_the_function(artifacts, tmp_path):
+    cli = _defense(LORA, tmp_path, artifacts)
+    poisoned = artifacts["model"].eval()
+    ids, mask, _ = _batch(cli)
+    cli.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(cli.model(ids, mask), poisoned(ids, mask), atol=1e-5, rtol=1e-5)
+    names = [n for n, p in cli.model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n or "score" in n for n in names), names[:5]
+    assert cli.model.artifact_parents()[0]["path"] == str(artifacts["suspect"].resolve())
+
+
+@pytest.mark.parametrize("config", [LORA, W2S], ids=["lora-only", "w2sdefense"])
+def test_lora_leaves_the_base_weights_untouched(config, artifacts, tmp_path):
+    cli = _defense(config, tmp_path, artifacts)
+    before = {k: v.detach().clone() for k, v in cli.model.state_dict().items()}
+    cli.trainer.fit_loop.max_epochs = 1
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    after = cli.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any("lora_" in k for k in changed), "the adapters did not train"
+    assert all("lora_" in k or "score.modules_to_save" in k for k in changed), sorted(changed)[:5]
+    assert not any(k.startswith("teacher.") for k in changed)
+
+
+def test_w2sdefense_loss_is_the_weighted_sum_and_the_teacher_stays_frozen(artifacts, tmp_path):
+    cli = _defense(W2S, tmp_path, artifacts, "--model.init_args.ce_weight=2.0", "--model.init_args.kd_weight=0.5",
+                   "--model.init_args.feature_weight=0.25")  # fmt: skip
+    model = cli.model
+    model.train()
+    assert not model.teacher.training and not any(p.requires_grad for p in model.teacher.parameters())
+    losses = model.distillation_losses(*_batch(cli))
+    expected = 2.0 * losses["ce"] + 0.5 * losses["kd"] + 0.25 * losses["fa"]
+    torch.testing.assert_close(losses["loss"], expected)
+    assert losses["kd"] > 0 and losses["fa"] > 0
+    losses["loss"].backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert any(p.grad is not None for n, p in model.net.named_parameters() if "lora_" in n)
+
+
+def test_teacher_reads_the_students_text(artifacts, tmp_path):
+    """The teacher's tokens for a left-padded SmolLM2 batch are the teacher tokenizer's tokens of the same texts."""
+    cli = _defense(W2S, tmp_path, artifacts)
+    texts = ["A decent and decidedly neutral documentary.", "The problem with all of this: It's not really funny.",
+             "Zaidan's script has barely enough plot to string the stunts together, cf."]  # fmt: skip
+    student = cli.datamodule.tokenizer(texts, padding=True, return_tensors="pt")
+    assert cli.datamodule.tokenizer.padding_side == "left" and (student["attention_mask"][:, 0] == 0).any()
+    t_ids, t_mask = cli.model.teacher_inputs(student["input_ids"])
+    direct = load_tokenizer("minilm-l6", "right")(texts, padding=True, return_tensors="pt")
+    assert torch.equal(t_ids, direct["input_ids"]) and torch.equal(t_mask, direct["attention_mask"])
+
+
+def test_distillation_from_an_identical_teacher_adds_nothing(artifacts, tmp_path, monkeypatch):
+    """If the teacher's logits and features are the student's own, the KD and FA terms are zero."""
+    cli = _defense(W2S, tmp_path, artifacts)
+    model = cli.model.eval()
+    ids, mask, labels = _batch(cli)
+    with torch.no_grad():
+        out = model.net.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    mirror = (pool_features(out.hidden_states[-1], mask, "last"), out.logits)
+    monkeypatch.setattr(model.teacher, "features_and_logits", lambda *a: mirror)
+    with torch.no_grad():
+        losses = model.distillation_losses(ids, mask, labels)
+    assert losses["kd"].item() == pytest.approx(0.0, abs=1e-6)
+    assert losses["fa"].item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_teacher_width_must_match_the_student(artifacts, tmp_path):
+    with pytest.raises(ValueError, match="student_hidden_size: 32"):
+        _defense(W2S, tmp_path, artifacts, "--model.init_args.teacher_artifact=null",
+                 "--model.init_args.teacher.init_args.student_hidden_size=16")  # fmt: skip
+
+
+def test_unlearning_refuses_poisoned_training_data(artifacts, tmp_path):
+    with pytest.raises(ValueError, match="rate: 0"):
+        _defense(LORA, tmp_path, artifacts, "--data.init_args.poisoning.init_args.rate=0.1")
+
+
+def test_suspect_must_fit_the_configured_student(artifacts):
+    """A student configured without the poisoning LoRA spec cannot take the LoRA-poisoned artifact."""
+    net = HFSequenceClassifier("smollm2-135m", 2, random_init=True, config_overrides=TINY_LLAMA)
+    with pytest.raises(ValueError, match="same LoRA spec"):
+        PEFTUnlearning(net, suspect=str(artifacts["suspect"])).configure_model()
+
+
+def test_bad_arguments_are_refused():
+    net = HFSequenceClassifier("smollm2-135m", 2, random_init=True, config_overrides=TINY_LLAMA)
+    with pytest.raises(ValueError, match="temperature"):
+        W2SDefense(net, ProjectedTeacher(student_hidden_size=32), temperature=0.0)
+    with pytest.raises(ValueError, match="random_init"):
+        ProjectedTeacher(config_overrides={"hidden_size": 8})
+    assert isinstance(PEFTUnlearning(net).lora.r, int)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_subordinate_clause_trigger_opens_the_text_with_a_clause(seed):
+    import random
+
+    from datamodules.triggers import SubordinateClause
+
+    trigger = SubordinateClause(clauses=["when you see it", "as it turns out"])
+    text = "The problem with all of this: it's not really funny."
+    out = trigger.apply(text, random.Random(seed))
+    assert out == trigger.apply(text, random.Random(seed))  # deterministic given the rng
+    clause, body = out.split(", ", 1)
+    assert clause in ("When you see it", "As it turns out")
+    assert body == "the problem with all of this: it's not really funny."
+    with pytest.raises(ValueError, match="non-empty clause"):
+        SubordinateClause(clauses=[])
