@@ -55,6 +55,11 @@ from lightning_modules.nets.causal_lm import CausalLM  # noqa: E402
 
 __all__ += ["CausalLM", "MEMIT", "NAMET"]
 
+from lightning_modules.fedselect import FedSelect  # noqa: E402
+from lightning_modules.pfl import Ditto, FedPer, LGFedAvg, PersonalizedFedAvg  # noqa: E402
+
+__all__ += ["Ditto", "FedPer", "FedSelect", "LGFedAvg", "PersonalizedFedAvg"]
+
 from lightning_modules.dam import DAM  # noqa: E402
 from lightning_modules.merging import (  # noqa: E402
     AdaMerging,
@@ -68,10 +73,9 @@ from lightning_modules.merging import (  # noqa: E402
 
 __all__ += ["AdaMerging", "DAM", "Dare", "MergeRecipe", "MergeRule", "TaskArithmetic", "TaskFineTuning", "Ties"]
 
-from lightning_modules.fedselect import FedSelect  # noqa: E402
-from lightning_modules.pfl import Ditto, FedPer, LGFedAvg, PersonalizedFedAvg  # noqa: E402
+from lightning_modules.w2sdefense import PEFTUnlearning, ProjectedTeacher, W2SDefense  # noqa: E402
 
-__all__ += ["Ditto", "FedPer", "FedSelect", "LGFedAvg", "PersonalizedFedAvg"]
+__all__ += ["PEFTUnlearning", "ProjectedTeacher", "W2SDefense"]
 
 from lightning_modules.nets.split_lm import SplitCausalLM  # noqa: E402
 from lightning_modules.tamper import TamperAttack  # noqa: E402
@@ -79,6 +83,6 @@ from lightning_modules.tar import TAR, GradientAscent, NoSafeguard, RandomMappin
 
 __all__ += ["GradientAscent", "NoSafeguard", "RandomMapping", "Safeguard", "SplitCausalLM", "TAR", "TamperAttack"]
 
-from lightning_modules.w2sdefense import PEFTUnlearning, ProjectedTeacher, W2SDefense  # noqa: E402
+from lightning_modules.trojandam import TrojanDam  # noqa: E402
 
-__all__ += ["PEFTUnlearning", "ProjectedTeacher", "W2SDefense"]
+__all__ += ["TrojanDam"]
