@@ -128,6 +128,7 @@ def bar_plot(comp: Comparison, results: dict[str, list[dict]], path: Path) -> No
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from callbacks.round_curves import save_figure
 
     groups = list(dict.fromkeys(s.group for s in comp.stages))
     fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.6), squeeze=False)
@@ -148,10 +149,7 @@ def bar_plot(comp: Comparison, results: dict[str, list[dict]], path: Path) -> No
         ax.legend(loc="lower right", fontsize=8)
     fig.suptitle(comp.title, fontsize=10)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def mean_curves(runs: list[dict]) -> dict | None:
@@ -291,6 +289,7 @@ def finemixing_plot(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from callbacks.round_curves import save_figure
 
     triggers = {"badnet": "BadNet (rare word)", "insent": "InSent (sentence)"}
     methods = {"finetune": "FT", "epur": "E-PUR+FT", "finemixing": "FM", "finemixing_epur": "FM+E-PUR"}
@@ -316,10 +315,7 @@ def finemixing_plot(results: dict, path: Path) -> None:
             ax.legend(fontsize=7, loc="upper center", ncol=3)
     fig.suptitle("Fine-mixing / E-PUR on backdoored MiniLM-L6 (Rotten Tomatoes)", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 COMPARISONS["finemixing"] = Comparison(
@@ -377,6 +373,7 @@ def namet_plot(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from callbacks.round_curves import save_figure
 
     counts = sorted({int(k.split("/")[0][1:]) for k in results if results[k]})
     panels = {"test/efficacy_strict": "ES strict", "test/neighborhood_strict": "NS strict",
@@ -403,10 +400,7 @@ def namet_plot(results: dict, path: Path) -> None:
     axes[0][0].legend(fontsize=7)
     fig.suptitle("SmolLM2-135M, country facts: MEMIT vs NAMET", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 COMPARISONS["namet"] = Comparison(

@@ -77,6 +77,7 @@ def dam_plot(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from callbacks.round_curves import save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True)
     for ax, backdoors in zip(axes, (1, 2)):
@@ -94,10 +95,7 @@ def dam_plot(results: dict, path: Path) -> None:
     fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4)
     fig.suptitle("Merging a pool with backdoored task models: up and to the left is better", fontsize=10)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 COMPARISONS["dam"] = Comparison(

@@ -38,6 +38,7 @@ def tar_report(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from callbacks.round_curves import save_figure
 
     per = {key: _attack_rows(results.get(key, [])) for key in SAFEGUARDS}
     attacks = list(dict.fromkeys(a for rows in per.values() for a in rows))
@@ -78,10 +79,7 @@ def tar_report(results: dict, path: Path) -> None:
     ax.legend(fontsize=7, ncol=5, loc="upper center")
     ax.set_title("Forget (capital) MCQ accuracy before and after each tampering attack", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 COMPARISONS["tar"] = Comparison(
