@@ -6,7 +6,6 @@ Hand-computed literal cases first, then oracle tests against Flower's
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from tests.helpers import REPO, TINY, artifact_of, run_cli
