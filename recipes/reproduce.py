@@ -168,8 +168,12 @@ def mean_curves(runs: list[dict]) -> dict | None:
     return {"rounds": rounds, "ma": avg("ma"), "ba": avg("ba"), "attack_rounds": records[0]["attack_rounds"]}
 
 
-def curves_plot(comp: Comparison, results: dict[str, list[dict]], path: Path, threshold: float | None = None) -> None:
-    """One panel per group: every stage's MA and BA per round (mean over seeds), attack window shaded."""
+def curves_plot(
+    comp: Comparison, results: dict[str, list[dict]], path: Path, threshold: float | None = None,
+    skip: tuple[str, ...] = ("warmup",),
+) -> None:
+    """One panel per group: every stage's MA and BA per round (mean over seeds), attack window shaded. Stages whose
+    key contains one of ``skip`` (the clean warm-ups that attack runs start from) are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,10 +181,11 @@ def curves_plot(comp: Comparison, results: dict[str, list[dict]], path: Path, th
 
     from callbacks.round_curves import plot_curves, save_figure
 
-    groups = list(dict.fromkeys(s.group for s in comp.stages if results.get(s.key)))  # skip groups not run
+    stages = [s for s in comp.stages if not any(k in s.key for k in skip)]
+    groups = list(dict.fromkeys(s.group for s in stages if results.get(s.key)))  # skip groups not run
     fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(9 * max(len(groups), 1), 4.4), squeeze=False)
     for ax, group in zip(axes[0], groups):
-        runs = {s.label or s.key: mean_curves(results.get(s.key, [])) for s in comp.stages if s.group == group}
+        runs = {s.label or s.key: mean_curves(results.get(s.key, [])) for s in stages if s.group == group}
         plot_curves({k: v for k, v in runs.items() if v is not None}, None, group, threshold, ax=ax)
     fig.suptitle(comp.title, fontsize=10)
     fig.tight_layout()
@@ -277,9 +282,7 @@ COMPARISONS["chameleon"] = Comparison(
     "Lifespan: rounds after the window until BA < 50%, evaluated every 2 rounds on 5,000 test images (a lower bound "
     "when BA never falls below). 'no attack' is the clean continuation (its BA is the trigger's base rate).",
 )
-COMPARISONS["chameleon"].plot = lambda results, path: curves_plot(
-    replace(COMPARISONS["chameleon"], stages=[s for s in COMPARISONS["chameleon"].stages if "warmup" not in s.key]),
-    results, path, 0.5)
+COMPARISONS["chameleon"].plot = lambda results, path: curves_plot(COMPARISONS["chameleon"], results, path, 0.5)
 
 
 def finemixing_plot(results: dict, path: Path) -> None:

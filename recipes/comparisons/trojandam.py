@@ -10,8 +10,6 @@ then Chameleon, then Fashion-MNIST), so ``--only`` prefixes such as ``mnist/naiv
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from recipes.reproduce import COMPARISONS, Comparison, Stage, curves_plot
 
 CONFIG = "trojandam/mnist_continuous.yaml"
@@ -61,6 +59,4 @@ COMPARISONS["trojandam"] = Comparison(
     "triggered non-target test images classified as the target, on 5,000 test images every 3 rounds; mean: over "
     "the evaluations during the attack. 'no attack' rows are the clean continuations (BA = the trigger's base rate).",
 )
-COMPARISONS["trojandam"].plot = lambda results, path: curves_plot(
-    replace(COMPARISONS["trojandam"], stages=[s for s in COMPARISONS["trojandam"].stages if "warmup" not in s.key]),
-    results, path)
+COMPARISONS["trojandam"].plot = lambda results, path: curves_plot(COMPARISONS["trojandam"], results, path)
