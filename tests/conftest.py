@@ -35,7 +35,7 @@ def _tiny_merge_pool(request, tmp_path_factory):
     """Build the tiny merge pool (8x8 images, width-4 CNN: a backbone and five task models) that the merging tests
     and the tiny twins of configs/merging read from tests/assets/merging, once, when a collected test needs it.
     It is built by the ``dam`` comparison's own pool stages on the tiny twins, so it is the same recipe at toy size."""
-    if not any("merging" in item.nodeid or "dam" in item.nodeid for item in request.session.items):
+    if not any("merging" in item.nodeid for item in request.session.items):  # test_merging.py, configs/merging twins
         return
     from recipes.reproduce import COMPARISONS, load_comparisons, reproduce
 
