@@ -23,7 +23,7 @@ from lightning_modules.nets.split_lm import SplitCausalLM
 from lightning_modules.ops import tar as ops
 from lightning_modules.tamper import TamperAttack, evaluate, lm_loss, run_attack
 from lightning_modules.tar import TAR, GradientAscent
-from tests.helpers import TINY
+from tests.helpers import CONFIGS, TINY
 
 TINY_LLAMA = {"num_hidden_layers": 4, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
               "num_key_value_heads": 1}  # fmt: skip
@@ -263,3 +263,11 @@ def test_tar_comparison_runs_on_tiny_twins_and_writes_every_attack_row(tmp_path)
     assert "| adamw_lr1e-3 |" in attacks and "| lora_r2 |" in attacks and "before attack" in attacks
     parents = (tmp_path / "runs" / "tar" / "tar" / "seed0" / "artifact" / "manifest.json").read_text()
     assert "random_mapping" in parents  # TAR started from the Random Mapping stage's artifact
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "tar" / "attacks").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_attack_lists_load(path):
+    """Every attack list shipped for `python -m recipes.tamper --attacks` parses into distinct, valid attacks."""
+    attacks = load_attacks(path)
+    assert attacks and len({a.name for a in attacks}) == len(attacks)
