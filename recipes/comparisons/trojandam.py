@@ -4,7 +4,9 @@ MNIST and Fashion-MNIST.
 
 Each attack run starts from a clean warm-up artifact (the chameleon comparison's warm-up stage: same config, net
 and partition, so its cached run can be reused), then the attacker (client 0) takes part in every one of the
-``configs/trojandam/mnist_continuous.yaml`` rounds. Stages are ordered by priority (MNIST naive and Neurotoxin,
+``configs/trojandam/mnist_continuous.yaml`` rounds. The federation (partition, client test splits) is drawn with
+data seed 0 for every run seed, so the attacker's data stay the same (see the chameleon comparison); the run seed
+draws the initialisation, client sampling and SGD noise. Stages are ordered by priority (MNIST naive and Neurotoxin,
 then Chameleon, then Fashion-MNIST), so ``--only`` prefixes such as ``mnist/naive`` run the most important first.
 """
 
@@ -24,7 +26,7 @@ DATASETS = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
 def trojandam_stages(dataset: str, attacks: dict[str, str], warmup_rounds: int = 60) -> list[Stage]:
     """Warm-up, the clean continuations (FedAvg, TrojanDam), then every (attack, defense) pair on ``dataset``."""
     name = DATASETS[dataset]
-    data = [f"--data.init_args.dataset={dataset}", "--data.init_args.seed={seed}"]
+    data = [f"--data.init_args.dataset={dataset}", "--data.init_args.seed=0"]  # one federation for every run seed
     warm = f"--model.init_args.init_from={{artifact:{dataset}/warmup}}"
     none = "--config=configs/fl/attacks/none.yaml"
     stages = [
