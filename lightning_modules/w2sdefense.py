@@ -38,7 +38,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from lightning_modules.classifier import ClassifierRecipe
-from lightning_modules.nets.hf import HFSequenceClassifier, LoraSpec
+from lightning_modules.nets.hf import HFSequenceClassifier, LoraSpec, load_hf_model
 from lightning_modules.ops import distill
 from recipes import assets
 from recipes.artifacts import load_artifact, parent_record
@@ -99,11 +99,7 @@ class ProjectedTeacher(nn.Module):
 
         path, dtype = assets.resolve(self.pretrained), getattr(torch, self.dtype)
         config = AutoConfig.from_pretrained(path, **self.config_overrides)
-        if self.random_init:
-            self.encoder = AutoModel.from_config(config).to(dtype)
-        else:
-            self.encoder = AutoModel.from_pretrained(path, config=config, dtype=dtype)
-        self.encoder.train()
+        self.encoder = load_hf_model(AutoModel, path, config, self.random_init, dtype).train()
         self.project = nn.Linear(config.hidden_size, self.student_hidden_size, dtype=dtype)
         self.head = nn.Linear(self.student_hidden_size, self.num_labels, dtype=dtype)
 

@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lightning_modules.nets.hf import load_hf_model
 from recipes import assets
 
 
@@ -63,11 +64,8 @@ class CausalLM(nn.Module):
             tok.pad_token = tok.eos_token
         dtype = getattr(torch, self.dtype)
         attn = {"attn_implementation": self.attn_implementation} if self.attn_implementation else {}
-        if self.random_init:
-            config = AutoConfig.from_pretrained(path, **self.config_overrides)
-            model = AutoModelForCausalLM.from_config(config, **attn).to(dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **attn)
+        config = AutoConfig.from_pretrained(path, **self.config_overrides)
+        model = load_hf_model(AutoModelForCausalLM, path, config, self.random_init, dtype, **attn)
         model.requires_grad_(False)
         self.model, self.tokenizer = model.eval(), tok
         self.bos_id = None

@@ -16,6 +16,27 @@ from torch import nn
 from recipes import assets
 
 
+def load_hf_model(auto_cls, path: str, config, random_init: bool = False, dtype: torch.dtype = torch.float32,
+                  **kwargs) -> nn.Module:
+    """``auto_cls`` (a ``transformers`` Auto class or model class) with random weights from ``config``, or loaded
+    from ``path`` (a local directory or hub id) with that config.
+
+    Only safetensors weights are read: this project handles untrusted weights, and a pickled ``pytorch_model.bin``
+    can run code when it is unpickled. A checkpoint without safetensors is refused with the conversion to run."""
+    if random_init:
+        return auto_cls.from_config(config, **kwargs).to(dtype)
+    try:
+        return auto_cls.from_pretrained(path, config=config, dtype=dtype, use_safetensors=True, **kwargs)
+    except OSError as err:
+        if "safetensors" not in str(err):
+            raise
+        raise ValueError(
+            f"{path} has no safetensors weights, and pickled checkpoints are not loaded (they can run code). Convert "
+            f"it once in a trusted environment: AutoModel.from_pretrained(path).save_pretrained(out, "
+            f"safe_serialization=True), then point the config at out"
+        ) from err
+
+
 class LoraSpec:
     """LoRA adapter settings (Hu et al., 2021), turned into a ``peft.LoraConfig``.
 
@@ -97,10 +118,7 @@ class HFSequenceClassifier(nn.Module):
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         config = AutoConfig.from_pretrained(path, num_labels=self.num_labels, **self.config_overrides)
         config.pad_token_id = pad_id
-        if self.random_init:
-            model = AutoModelForSequenceClassification.from_config(config).to(dtype)
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype)
+        model = load_hf_model(AutoModelForSequenceClassification, path, config, self.random_init, dtype)
         if self.lora is not None:
             from peft import get_peft_model
 
