@@ -9,10 +9,16 @@ to pretrain the pool's backbone on unlabelled images). Triggers are stamped in p
 images are standardised with the mean and std of the first 10,000 training images of the dataset. Both
 DataModules build a task through :func:`build_task`, so a task model and the merge see the same data and the
 same trigger.
+
+A task's ``dataset`` may also be the directory of a hub dataset exported by ``python -m recipes.export_images``
+(:mod:`datamodules.image_store`: ``uint8`` RGB images, memory-mapped). Such a task keeps its images ``uint8`` and
+turns each batch into normalised floats when it is fetched (CLIP's mean and std with ``normalize: clip``), and
+stamps its trigger per batch on the poisoned rows, so eight 224 x 224 tasks fit in a few MB of RAM.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,11 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from datamodules import image_store
 from datamodules.base import BackdoorDataModule, TensorBatchDataset, _already_batched
 from datamodules.poisoning import Poisoning
 from datamodules.sources import load_image_dataset
 
 Dataset = Literal["mnist", "fashion-mnist", "digits"]
+BUILTIN_DATASETS = ("mnist", "fashion-mnist", "digits")
 Labels = Literal["class", "parity", "rotation"]
 
 
@@ -34,28 +42,40 @@ class ImageTask:
 
     Args:
         name: the task's name in logs (``test/<name>/acc``) and tables.
-        dataset: source images (``digits`` are 8x8 and get resized).
-        labels: ``class``, ``parity`` (digits mod 2) or ``rotation`` (0/90/180/270 degrees).
+        dataset: source images (``digits`` are 8x8 and get resized), or the directory of an exported hub dataset
+            (``python -m recipes.export_images``; a path, e.g. ``data/clip/sun397``).
+        labels: ``class``, ``parity`` (digits mod 2) or ``rotation`` (0/90/180/270 degrees); exported datasets
+            have ``class`` labels only.
         poisoning: the task's backdoor; with ``rate: 0`` only the triggered evaluation set is built.
         train_size: training images (``None``: all but validation).
         val_size: validation images held out of the training split (also the unlabelled merge data).
         test_size: images of the fixed test split (``None``: all).
+        normalize: ``dataset`` (standardise with the dataset's own statistics) or ``clip`` (CLIP's per-channel mean
+            and std, for CLIP backbones; exported RGB datasets only).
     """
 
     def __init__(
         self,
         name: str,
-        dataset: Dataset = "mnist",
+        dataset: Dataset | str = "mnist",
         labels: Labels = "class",
         poisoning: Poisoning | None = None,
         train_size: int | None = None,
         val_size: int = 1000,
         test_size: int | None = None,
+        normalize: Literal["dataset", "clip"] = "dataset",
     ):
         if labels == "parity" and dataset == "fashion-mnist":
             raise ValueError("parity labels are defined for digit datasets (mnist, digits), not fashion-mnist")
+        if dataset in BUILTIN_DATASETS and normalize != "dataset":
+            raise ValueError(f"normalize={normalize!r} needs an exported RGB dataset directory, not {dataset!r}")
         self.name, self.dataset, self.labels, self.poisoning = name, dataset, labels, poisoning
-        self.train_size, self.val_size, self.test_size = train_size, val_size, test_size
+        self.train_size, self.val_size, self.test_size, self.normalize = train_size, val_size, test_size, normalize
+
+    @property
+    def exported(self) -> bool:
+        """Whether ``dataset`` names an exported directory rather than a built-in dataset."""
+        return self.dataset not in BUILTIN_DATASETS
 
     def describe(self) -> dict:
         out = {"task": self.name, "dataset": self.dataset, "labels": self.labels}
@@ -91,6 +111,8 @@ def _relabel(x: torch.Tensor, y: torch.Tensor, labels: str, seed: int) -> tuple[
 
 def build_task(task: ImageTask, image_size: int, seed: int) -> TaskSplits:
     """Load, resize, relabel, poison (training split) and standardise one task; deterministic given ``seed``."""
+    if task.exported:
+        return build_exported_task(task, image_size, seed)
     raw = load_image_dataset(task.dataset)
 
     def prep(images: torch.Tensor) -> torch.Tensor:  # uint8 [N, H, W] -> float [N, 1, S, S] in [0, 1]
@@ -123,6 +145,50 @@ def build_task(task: ImageTask, image_size: int, seed: int) -> TaskSplits:
         triggered = {s: norm(task.poisoning.triggered_images(*splits[s])) for s in ("val", "test")}
     return TaskSplits(norm(splits["train"]), norm(splits["val"]), norm(splits["test"]), triggered["val"],
                       triggered["test"], num_classes, poison_mask)  # fmt: skip
+
+
+def build_exported_task(task: ImageTask, image_size: int, seed: int) -> TaskSplits:
+    """:func:`build_task` for an exported directory: the same seeded train/validation split of the training images
+    and the same poisoning choice (:meth:`Poisoning.select`), but the splits are lazy
+    :class:`~datamodules.image_store.ImageArray` views (``uint8`` on disk, decoded, triggered and normalised per
+    batch) instead of float tensors."""
+    if "/" not in task.dataset and not task.dataset.startswith("."):
+        raise ValueError(f"unknown image dataset {task.dataset!r}: use one of {BUILTIN_DATASETS} or the path of a "
+                         "directory exported by `python -m recipes.export_images`")  # fmt: skip
+    meta = image_store.read_meta(task.dataset)
+    if task.labels != "class":
+        raise ValueError(f"labels={task.labels!r} is defined for the built-in datasets; {task.dataset} has class "
+                         "labels only (labels: class)")  # fmt: skip
+    files = {s: f"{task.dataset}/{s}_images.npy" for s in image_store.SPLITS}
+    train_y, test_y = image_store.read_labels(task.dataset, "train"), image_store.read_labels(task.dataset, "test")
+    perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed))
+    n_val = min(task.val_size, len(perm) - 1)
+    n_train = len(perm) - n_val if task.train_size is None else min(task.train_size, len(perm) - n_val)
+    val_idx, train_idx = perm[:n_val], perm[n_val : n_val + n_train]
+    test_idx = torch.arange(BackdoorDataModule.head(task.test_size, len(test_y)))
+    if task.normalize == "clip":
+        mean, std = image_store.CLIP_MEAN, image_store.CLIP_STD
+    else:  # fixed statistics: the same for every seed and training size
+        mean, std = image_store.channel_stats(files["train"])
+
+    def view(split: str, rows: torch.Tensor) -> image_store.ImageArray:
+        return image_store.ImageArray(files[split], rows, mean, std, image_size)
+
+    train_x, labels = view("train", train_idx), train_y[train_idx].clone()
+    val, test = (view("train", val_idx), train_y[val_idx]), (view("test", test_idx), test_y[test_idx])
+    num_classes, poison_mask, triggered = int(meta["num_classes"]), None, {"val": None, "test": None}
+    if task.poisoning is not None:  # BadNets: flag the chosen rows (stamped when fetched) and relabel them
+        p = task.poisoning
+        p.trigger.check(tuple(train_x.shape[1:]))
+        poison_mask = p.select(labels, num_classes)
+        train_x = train_x.subset(slice(None), p.trigger, poison_mask)
+        labels[poison_mask] = p.target_label
+        for name, (x, y) in (("val", val), ("test", test)):
+            keep = y != p.target_label
+            if not keep.any():
+                raise ValueError(f"the {name} split of {task.name!r} has no non-target sample to measure ASR on")
+            triggered[name] = (x.subset(keep, p.trigger, torch.ones(int(keep.sum()), dtype=torch.bool)), y[keep])
+    return TaskSplits((train_x, labels), val, test, triggered["val"], triggered["test"], num_classes, poison_mask)
 
 
 class TaskImageDataModule(BackdoorDataModule):
@@ -220,8 +286,8 @@ class MultiTaskDataModule(L.LightningDataModule):
             if poisoning is not None and poisoning.rate > 0:  # the merge only needs the trigger's eval sets
                 poisoning = Poisoning(poisoning.trigger, 0.0, poisoning.target_label, poisoning.clean_label,
                                       poisoning.seed)  # fmt: skip
-            clean = ImageTask(task.name, task.dataset, task.labels, poisoning, task.train_size, task.val_size,
-                              task.test_size)  # fmt: skip
+            clean = copy.copy(task)
+            clean.poisoning = poisoning
             self.splits.append(build_task(clean, self.image_size, self.seed))
         self.eval_index = [(k, kind) for k, s in enumerate(self.splits)
                            for kind in ("clean", "triggered")[: 2 if s.test_triggered is not None else 1]]  # fmt: skip

@@ -86,3 +86,7 @@ __all__ += ["GradientAscent", "NoSafeguard", "RandomMapping", "Safeguard", "Spli
 from lightning_modules.trojandam import TrojanDam  # noqa: E402
 
 __all__ += ["TrojanDam"]
+
+from lightning_modules.nets.clip import CLIPImageClassifier  # noqa: E402
+
+__all__ += ["CLIPImageClassifier"]

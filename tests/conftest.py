@@ -51,3 +51,19 @@ def _tiny_merge_pool(request, tmp_path_factory):
                   only=["pool/"])
     finally:
         os.chdir(cwd)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_clip_pool(request):
+    """Build the tiny CLIP pool (image stores and a random 2-layer CLIP tower with three task models) that the twins
+    of configs/merging/clip and tests/test_merging_clip.py read from tests/assets/merging/clip, once, when needed."""
+    if not any("[clip/" in item.nodeid or "merging_clip" in item.nodeid for item in request.session.items):
+        return
+    from tests.clip_pool import ROOT, build_tiny_clip_pool
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the twins' paths are relative to the repository root
+    try:
+        build_tiny_clip_pool(ROOT)
+    finally:
+        os.chdir(cwd)
