@@ -23,13 +23,14 @@ for SVHN's 73k training images, whose pixels are 11 GB on disk at 224 x 224), pl
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from datamodules import store_meta
 
 FORMAT = "safeweights-image-store"
 VERSION = 1
@@ -43,7 +44,7 @@ EXPORT_HINT = (
 )
 
 
-class ImageStoreNotFoundError(FileNotFoundError):
+class ImageStoreNotFoundError(store_meta.StoreNotFoundError):
     """An exported image directory is missing or unfinished; the message names the export command."""
 
 
@@ -101,20 +102,14 @@ def write_image_store(
         counts[split] = count
     meta = {"format": FORMAT, "version": VERSION, "source": source, "image_size": image_size,
             "num_classes": len(class_names), "class_names": list(class_names), "splits": counts}  # fmt: skip
-    (directory / "meta.json").write_text(json.dumps(meta, indent=2))
+    store_meta.write_meta(directory, meta)
     return directory
 
 
 def read_meta(directory: str | Path) -> dict:
     """The store's ``meta.json``; raises :class:`ImageStoreNotFoundError` (naming the export command) if absent."""
-    path = Path(directory) / "meta.json"
-    if not path.is_file():
-        raise ImageStoreNotFoundError(f"no exported image dataset at {directory} (meta.json missing): "
-                                      + EXPORT_HINT.format(dir=directory))  # fmt: skip
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(f"{path} is not a {FORMAT} v{VERSION} file; re-export it with recipes.export_images")
-    return meta
+    return store_meta.read_meta(directory, FORMAT, VERSION, "exported image dataset", EXPORT_HINT.format(dir=directory),
+                                ImageStoreNotFoundError)
 
 
 def read_labels(directory: str | Path, split: str) -> torch.Tensor:

@@ -15,6 +15,7 @@ A rate of 0 trains a clean model but still measures ASR with the same trigger (t
 from __future__ import annotations
 
 import random
+from typing import Literal
 
 import torch
 
@@ -32,6 +33,9 @@ class Poisoning:
         clean_label: draw poisoned samples from the target class and keep their labels (clean-label);
             otherwise draw them from the other classes and relabel them (dirty-label).
         seed: seed of the choice of poisoned samples and of random trigger positions.
+        selection: ``random`` (a seeded draw of the eligible samples) or ``first`` (the first eligible samples in
+            dataset order, as W2SDefense's official attack takes the first 1000 label-0 sentences of SST-2's
+            training file; Zhao et al., Findings of ACL 2025, ``data.py``).
     """
 
     def __init__(
@@ -41,11 +45,14 @@ class Poisoning:
         target_label: int = 0,
         clean_label: bool = False,
         seed: int = 0,
+        selection: Literal["random", "first"] = "random",
     ):
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"poison rate must be in [0, 1), got {rate}")
+        if selection not in ("random", "first"):
+            raise ValueError(f"selection must be 'random' or 'first', got {selection!r}")
         self.trigger, self.rate, self.target_label = trigger, float(rate), int(target_label)
-        self.clean_label, self.seed = bool(clean_label), int(seed)
+        self.clean_label, self.seed, self.selection = bool(clean_label), int(seed), selection
 
     def check_labels(self, labels: torch.Tensor, num_classes: int) -> None:
         if labels.numel() == 0:
@@ -56,7 +63,7 @@ class Poisoning:
             raise ValueError(f"labels must lie in [0, {num_classes}), found [{labels.min()}, {labels.max()}]")
 
     def select(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-        """Boolean mask of the training samples to poison (deterministic given ``seed``)."""
+        """Boolean mask of the training samples to poison (deterministic given ``seed``, or the first eligible ones)."""
         self.check_labels(labels, num_classes)
         pool = labels == self.target_label if self.clean_label else labels != self.target_label
         candidates = pool.nonzero().flatten()
@@ -66,7 +73,10 @@ class Poisoning:
                 f"poison rate {self.rate} selects no sample out of {len(labels)} "
                 f"({len(candidates)} candidates); raise the rate or the training set size"
             )
-        order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(self.seed))
+        if self.selection == "first":
+            order = torch.arange(len(candidates))
+        else:
+            order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(self.seed))
         mask = torch.zeros(len(labels), dtype=torch.bool)
         mask[candidates[order[:n]]] = True
         return mask
@@ -114,4 +124,5 @@ class Poisoning:
             "target_label": self.target_label,
             "clean_label": self.clean_label,
             "seed": self.seed,
+            "selection": self.selection,
         }

@@ -15,6 +15,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from datamodules.text_store import read_text_store
 from recipes import assets
 
 IMAGE_DATASETS = ("mnist", "fashion-mnist", "digits", "cifar10")
@@ -70,7 +71,8 @@ def load_image_dataset(name: str) -> ImageSplits:
 
 @dataclass(frozen=True)
 class TextSplits:
-    """Texts and int64 labels for the fixed train and test splits."""
+    """Texts and int64 labels for the fixed train and test splits (and a fixed validation split, if the dataset
+    has one)."""
 
     train_texts: list[str]
     train_y: torch.Tensor
@@ -78,6 +80,8 @@ class TextSplits:
     test_y: torch.Tensor
     num_classes: int
     label_names: tuple[str, ...]
+    val_texts: list[str] | None = None
+    val_y: torch.Tensor | None = None
 
 
 @lru_cache(maxsize=2)
@@ -105,3 +109,22 @@ def load_rotten_tomatoes(test_size: int = 2000) -> TextSplits:
     return TextSplits(
         [texts[i] for i in train], y[train], [texts[i] for i in test], y[test], 2, ("negative", "positive")
     )
+
+
+TEXT_DATASETS = ("rotten-tomatoes",)
+
+
+def load_text_dataset(dataset: str) -> TextSplits:
+    """``rotten-tomatoes`` (:func:`load_rotten_tomatoes`) or the directory of a text export
+    (:mod:`datamodules.text_store`, written by ``python -m recipes.export_text``), whose fixed splits are kept in
+    file order; raises :class:`~datamodules.text_store.TextStoreNotFoundError` naming the export command if the
+    directory is missing."""
+    if dataset in TEXT_DATASETS:
+        return load_rotten_tomatoes()
+    meta, splits = read_text_store(dataset)
+    train, test, val = splits["train"], splits["test"], splits.get("validation")
+    return TextSplits(
+        train.texts, torch.tensor(train.labels, dtype=torch.long), test.texts,
+        torch.tensor(test.labels, dtype=torch.long), meta["num_classes"], tuple(meta["label_names"]),
+        None if val is None else val.texts, None if val is None else torch.tensor(val.labels, dtype=torch.long),
+    )  # fmt: skip

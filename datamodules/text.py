@@ -1,4 +1,5 @@
-"""Text classification DataModules (Rotten Tomatoes), clean or backdoored, tokenized once in memory."""
+"""Text classification DataModules (Rotten Tomatoes or an exported hub dataset such as SST-2), clean or backdoored,
+tokenized once in memory."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 
 from datamodules.base import BackdoorDataModule, TensorBatchDataset
 from datamodules.poisoning import Poisoning
-from datamodules.sources import load_rotten_tomatoes
+from datamodules.sources import TEXT_DATASETS, load_text_dataset
+from datamodules.text_store import read_text_meta
 from datamodules.triggers import TextTrigger
 from recipes import assets
 
@@ -29,7 +31,13 @@ def load_tokenizer(name_or_path: str, padding_side: Literal["right", "left"] | N
 
 
 class TextClassificationDataModule(BackdoorDataModule):
-    """Rotten Tomatoes sentiment (negative 0 / positive 1) with an optional text backdoor.
+    """Text classification (Rotten Tomatoes sentiment, or an exported hub dataset) with an optional text backdoor.
+
+    A dataset without a validation split (Rotten Tomatoes) gives ``val_size`` seeded random texts of its training
+    split to validation and draws ``train_size`` of the rest at random. An exported directory with a validation
+    split (SST-2) keeps its fixed splits *in file order*: the first ``train_size``/``val_size``/``test_size`` texts,
+    so order-based poisoning (:class:`~datamodules.poisoning.Poisoning` with ``selection: first``) picks the same sentences
+    as the official code. A missing export directory fails here, at construction, with the command that creates it.
 
     Texts are tokenized once with the model's tokenizer, padded to ``max_length``; every batch is then cut to
     its longest sequence on the padding side.
@@ -37,12 +45,15 @@ class TextClassificationDataModule(BackdoorDataModule):
     Args:
         tokenizer: asset name (``minilm-l6``, ``smollm2-135m``), local path or hub id of the tokenizer;
             use the same one as the model.
-        dataset: the text dataset (``rotten-tomatoes``: 12.7k deduplicated snippets, fixed 2000-snippet test split).
+        dataset: ``rotten-tomatoes`` (12.7k deduplicated snippets, fixed 2000-snippet test split) or the directory
+            of a text export (``python -m recipes.export_text SetFit/sst2 data/sst2 --label-names negative
+            positive``: SST-2's 6920/872/1821 sentences).
         max_length: truncation length in tokens.
         padding_side: ``right`` for encoders; ``left`` is usual for decoders (``None``: the tokenizer's own).
-        train_size: training texts drawn from the training split (``None``: all but validation).
-        val_size: validation texts held out of the training split.
-        test_size: texts of the fixed test split used (``None``: all 2000).
+        train_size: training texts taken from the training split (``None``: all but validation).
+        val_size: validation texts: the first ones of the dataset's validation split (``None``: all of it), or, if
+            it has none, texts held out of the training split (then an integer is required).
+        test_size: texts of the fixed test split used (``None``: all of it, 2000 for Rotten Tomatoes).
         poisoning: backdoor of the training set (a text trigger); also builds the triggered eval sets.
         batch_size: batch size per process.
         eval_batch_size: batch size of evaluation loaders (default: ``batch_size``).
@@ -54,11 +65,11 @@ class TextClassificationDataModule(BackdoorDataModule):
     def __init__(
         self,
         tokenizer: str = "minilm-l6",
-        dataset: Literal["rotten-tomatoes"] = "rotten-tomatoes",
+        dataset: str = "rotten-tomatoes",
         max_length: int = 64,
         padding_side: Literal["right", "left"] | None = None,
         train_size: int | None = None,
-        val_size: int = 500,
+        val_size: int | None = 500,
         test_size: int | None = None,
         poisoning: Poisoning | None = None,
         batch_size: int = 32,
@@ -75,8 +86,25 @@ class TextClassificationDataModule(BackdoorDataModule):
         self.tokenizer_name, self.dataset, self.max_length = tokenizer, dataset, max_length
         self.padding_side = padding_side
         self.train_size, self.val_size, self.test_size = train_size, val_size, test_size
-        self.num_classes = 2
+        self.num_classes, self.store_meta = 2, None
+        if dataset not in TEXT_DATASETS:  # an exported directory: fail now if it is missing, not after model loading
+            self.store_meta = read_text_meta(dataset)
+            self.num_classes = self.store_meta["num_classes"]
+        has_val_split = self.store_meta is not None and "validation" in self.store_meta["splits"]
+        if val_size is None and not has_val_split:
+            raise ValueError(f"dataset {dataset!r} has no validation split: set val_size to the number of training "
+                             "texts to hold out for validation")  # fmt: skip
         self.tokenizer = None
+
+    def describe(self) -> dict:
+        """The manifest's data record, with the export's hub source, revision and file hashes for an exported
+        dataset."""
+        out = {**super().describe(), "dataset": self.dataset}
+        if self.store_meta is not None:
+            meta = self.store_meta
+            out["dataset_export"] = {"source": meta["source"], "revision": meta["revision"],
+                                     "sha256": {split: r["sha256"] for split, r in meta["splits"].items()}}  # fmt: skip
+        return out
 
     def encode(self, texts: list[str], labels: torch.Tensor) -> TensorBatchDataset:
         enc = self.tokenizer(
@@ -90,11 +118,16 @@ class TextClassificationDataModule(BackdoorDataModule):
         if self.train_set is not None:
             return
         self.tokenizer = load_tokenizer(self.tokenizer_name, self.padding_side)
-        raw = load_rotten_tomatoes()
+        raw = load_text_dataset(self.dataset)
         self.num_classes = raw.num_classes
-        val_idx, train_idx = self.split(len(raw.train_y), [self.val_size, self.train_size])
-        pick = lambda idx: ([raw.train_texts[i] for i in idx.tolist()], raw.train_y[idx])  # noqa: E731
-        (train_texts, y_train), (val_texts, y_val) = pick(train_idx), pick(val_idx)
+        if raw.val_texts is not None:  # fixed splits, kept in file order
+            n_train, n_val = self.head(self.train_size, len(raw.train_y)), self.head(self.val_size, len(raw.val_y))
+            train_texts, y_train = raw.train_texts[:n_train], raw.train_y[:n_train]
+            val_texts, y_val = raw.val_texts[:n_val], raw.val_y[:n_val]
+        else:
+            val_idx, train_idx = self.split(len(raw.train_y), [self.val_size, self.train_size])
+            pick = lambda idx: ([raw.train_texts[i] for i in idx.tolist()], raw.train_y[idx])  # noqa: E731
+            (train_texts, y_train), (val_texts, y_val) = pick(train_idx), pick(val_idx)
         n_test = self.head(self.test_size, len(raw.test_y))
         test_texts, y_test = raw.test_texts[:n_test], raw.test_y[:n_test]
 

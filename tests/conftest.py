@@ -27,43 +27,56 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
+ROOT = Path(__file__).resolve().parents[1]
 MERGE_POOL = Path(__file__).parent / "assets" / "merging"  # generated, git-ignored
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _tiny_merge_pool(request, tmp_path_factory):
-    """Build the tiny merge pool (8x8 images, width-4 CNN: a backbone and five task models) that the merging tests
-    and the tiny twins of configs/merging read from tests/assets/merging, once, when a collected test needs it.
-    It is built by the ``dam`` comparison's own pool stages on the tiny twins, so it is the same recipe at toy size."""
-    if not any("merging" in item.nodeid for item in request.session.items):  # test_merging.py, configs/merging twins
-        return
+def _build_merge_pool(tmp_path_factory) -> None:
+    """The tiny merge pool (8x8 images, width-4 CNN: a backbone and five task models) that the merging tests and the
+    twins of configs/merging read from tests/assets/merging. It is built by the ``dam`` comparison's own pool stages
+    on the tiny twins, so it is the same recipe at toy size."""
     from recipes.reproduce import COMPARISONS, load_comparisons, reproduce
 
     load_comparisons()
     stages = [s.key for s in COMPARISONS["dam"].stages if s.key.startswith("pool/")]
     if all((MERGE_POOL / "dam" / key / "seed0" / "artifact" / "manifest.json").exists() for key in stages):
         return
-    root = Path(__file__).resolve().parents[1]
-    cwd = os.getcwd()
-    os.chdir(root)  # the twins' paths are relative to the repository root
-    try:
-        reproduce("dam", seeds=[0], root=MERGE_POOL.relative_to(root), out=tmp_path_factory.mktemp("pool"), tiny=True,
-                  only=["pool/"])
-    finally:
-        os.chdir(cwd)
+    reproduce("dam", seeds=[0], root=MERGE_POOL.relative_to(ROOT), out=tmp_path_factory.mktemp("pool"), tiny=True,
+              only=["pool/"])
+
+
+def _build_clip_pool(tmp_path_factory) -> None:
+    """Image stores and a random 2-layer CLIP tower with three task models (configs/merging/clip twins)."""
+    from tests.clip_pool import build_tiny_clip_pool
+
+    build_tiny_clip_pool(ROOT)
+
+
+def _write_sst2(tmp_path_factory) -> None:
+    """The tiny SST-2 export, through the exporter's writer (configs/w2sdefense/llama3_8b_* twins)."""
+    from tests.tiny_sst2 import write_tiny_sst2
+
+    write_tiny_sst2()
+
+
+# generated, git-ignored test assets: (parts of the test ids that need them, builder)
+TINY_ASSETS = [
+    (("merging",), _build_merge_pool),  # test_merging*.py, configs/merging twins
+    (("[clip/", "merging_clip"), _build_clip_pool),
+    (("llama3_8b", "text_export"), _write_sst2),
+]
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _tiny_clip_pool(request):
-    """Build the tiny CLIP pool (image stores and a random 2-layer CLIP tower with three task models) that the twins
-    of configs/merging/clip and tests/test_merging_clip.py read from tests/assets/merging/clip, once, when needed."""
-    if not any("[clip/" in item.nodeid or "merging_clip" in item.nodeid for item in request.session.items):
-        return
-    from tests.clip_pool import ROOT, build_tiny_clip_pool
-
+def _tiny_assets(request, tmp_path_factory):
+    """Build each generated asset of :data:`TINY_ASSETS` once per session, only when a collected test needs it, with
+    the working directory at the repository root (the twins' paths are relative to it)."""
+    ids = [item.nodeid for item in request.session.items]
     cwd = os.getcwd()
-    os.chdir(ROOT)  # the twins' paths are relative to the repository root
     try:
-        build_tiny_clip_pool(ROOT)
+        for needles, build in TINY_ASSETS:
+            if any(needle in node for node in ids for needle in needles):
+                os.chdir(ROOT)
+                build(tmp_path_factory)
     finally:
         os.chdir(cwd)

@@ -1,0 +1,144 @@
+"""A local store of text classification datasets exported from the hub (no Lightning, no ``datasets``).
+
+Cluster configs name hub datasets (W2SDefense's SST-2), but ``datasets`` is a cluster-only dependency and training
+nodes may have no hub access. ``python -m recipes.export_text`` therefore writes each dataset once into a directory
+of this format, and :func:`datamodules.sources.load_text_dataset` reads it with the standard library alone:
+
+``<dir>/<split>.jsonl``
+    one ``{"text": str, "label": int}`` object per line, in the hub split's own order, for the fixed splits
+    ``train`` and ``test`` and, when the dataset has one, ``validation``.
+``<dir>/meta.json``
+    ``{"format": "safeweights-text-store", "version": 1, "source", "revision", "num_classes", "label_names",
+    "splits": {split: {"file", "rows", "sha256"}}}``; written last, so a directory without it is an unfinished
+    export. The reader checks each file's row count and SHA-256, so a truncated or edited file is refused.
+
+Every file is written atomically (:func:`recipes.artifacts.atomic_open`): an interrupted export never leaves a
+half-written file under its final name, and re-exporting removes ``meta.json`` first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import numbers
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from datamodules import store_meta
+from recipes.artifacts import atomic_open
+
+FORMAT = "safeweights-text-store"
+VERSION = 1
+SPLITS = ("train", "validation", "test")
+REQUIRED_SPLITS = ("train", "test")
+EXPORT_HINT = (
+    "export it on a machine with hub access: `python -m recipes.export_text SetFit/sst2 {dir} --label-names "
+    "negative positive` (SST-2 as W2SDefense uses it; needs `pip install -e .[cluster]`; see docs/cluster.md)"
+)
+
+
+class TextStoreNotFoundError(store_meta.StoreNotFoundError):
+    """An exported text directory is missing or unfinished; the message names the export command."""
+
+
+class TextStoreFormatError(store_meta.StoreFormatError):
+    """A file of an exported text directory is malformed; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class TextSplit:
+    """The texts and integer labels of one split, in file order."""
+
+    texts: list[str]
+    labels: list[int]
+
+
+def write_text_store(
+    directory: str | Path,
+    splits: dict[str, Iterable[tuple[str, int]]],
+    label_names: list[str],
+    source: str = "",
+    revision: str | None = None,
+) -> Path:
+    """Write a store: ``splits`` maps ``train``, ``test`` (and optionally ``validation``) to ``(text, label)`` pairs,
+    streamed one line at a time. Labels must lie in ``[0, len(label_names))`` and texts must be non-empty strings.
+    ``meta.json`` (with each file's row count and SHA-256) is written last."""
+    directory = Path(directory)
+    unknown, missing = set(splits) - set(SPLITS), set(REQUIRED_SPLITS) - set(splits)
+    if unknown or missing:
+        raise ValueError(f"a text store holds the splits {SPLITS} (train and test required); got {sorted(splits)}")
+    if len(label_names) < 2:
+        raise ValueError(f"a classification dataset needs at least 2 label names, got {label_names}")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "meta.json").unlink(missing_ok=True)
+    records = {}
+    for split in (s for s in SPLITS if s in splits):
+        file = f"{split}.jsonl"
+        digest, rows = hashlib.sha256(), 0
+        with atomic_open(directory / file) as f:
+            for rows, (text, label) in enumerate(splits[split], start=1):
+                _check_row(text, label, len(label_names), f"split {split!r} row {rows}")
+                line = (json.dumps({"text": text, "label": int(label)}, ensure_ascii=False) + "\n").encode("utf-8")
+                f.write(line)
+                digest.update(line)
+        if rows == 0:
+            raise ValueError(f"split {split!r} is empty; a text store needs at least one row per split")
+        records[split] = {"file": file, "rows": rows, "sha256": digest.hexdigest()}
+    meta = {"format": FORMAT, "version": VERSION, "source": source, "revision": revision,
+            "num_classes": len(label_names), "label_names": list(label_names), "splits": records}  # fmt: skip
+    store_meta.write_meta(directory, meta)
+    return directory
+
+
+def _check_row(text, label, num_classes: int, where: str) -> None:
+    if not isinstance(text, str) or not text.strip():
+        raise TextStoreFormatError(f"{where}: the text must be a non-empty string, got {text!r}")
+    if isinstance(label, bool) or not isinstance(label, numbers.Integral) or not 0 <= label < num_classes:
+        raise TextStoreFormatError(f"{where}: the label must be an integer in [0, {num_classes}), got {label!r}")
+
+
+def read_text_meta(directory: str | Path) -> dict:
+    """The store's ``meta.json``; raises :class:`TextStoreNotFoundError` (naming the export command) if absent."""
+    meta = store_meta.read_meta(directory, FORMAT, VERSION, "exported text dataset", EXPORT_HINT.format(dir=directory),
+                                TextStoreNotFoundError, TextStoreFormatError)
+    path = Path(directory) / "meta.json"
+    splits = set(meta.get("splits", {}))
+    if not set(REQUIRED_SPLITS) <= splits <= set(SPLITS):
+        raise TextStoreFormatError(f"{path} lists the splits {sorted(splits)}; a text store holds {SPLITS} (train and "
+                                   "test required): re-export with recipes.export_text")  # fmt: skip
+    return meta
+
+
+def read_text_store(directory: str | Path) -> tuple[dict, dict[str, TextSplit]]:
+    """``(meta, {split: TextSplit})`` of a store, every line checked (see the module docstring)."""
+    directory = Path(directory)
+    meta = read_text_meta(directory)
+    num_classes = meta["num_classes"]
+    out = {}
+    for split, record in meta["splits"].items():
+        path = directory / record["file"]
+        if not path.is_file():
+            raise TextStoreNotFoundError(f"{path} is missing but {directory}/meta.json lists it: "
+                                         + EXPORT_HINT.format(dir=directory))  # fmt: skip
+        data = path.read_bytes()
+        texts, labels = [], []
+        for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+            where = f"{path} line {number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TextStoreFormatError(f"{where}: not a JSON object ({err.msg})") from err
+            if not isinstance(row, dict) or set(row) != {"text", "label"}:
+                raise TextStoreFormatError(f"{where}: expected an object with keys 'text' and 'label', "
+                                           f"got {line[:80]!r}")  # fmt: skip
+            _check_row(row["text"], row["label"], num_classes, where)
+            texts.append(row["text"])
+            labels.append(row["label"])
+        if len(texts) != record["rows"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
+            raise TextStoreFormatError(
+                f"{path} has {len(texts)} rows (meta.json: {record['rows']}) or a different SHA-256 than meta.json "
+                "records: the file was truncated or edited; re-export it with recipes.export_text"
+            )
+        out[split] = TextSplit(texts, labels)
+    return meta, out
