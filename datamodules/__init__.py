@@ -43,5 +43,7 @@ from datamodules.multitask import ImageTask, MultiTaskDataModule, TaskImageDataM
 __all__ += ["ImageTask", "MultiTaskDataModule", "TaskImageDataModule"]
 
 from datamodules.tar_facts import TamperFactsDataModule  # noqa: E402
+from datamodules.tar_wmdp import TamperWMDPDataModule  # noqa: E402
 
-__all__ += ["TamperFactsDataModule"]
+__all__ += ["TamperFactsDataModule", "TamperWMDPDataModule"]
+

@@ -13,27 +13,30 @@ nothing the evaluation asks about is ever trained on, by the defender or by the 
 Retain facts are split into ``retain_train`` (retain loss) and ``retain_eval`` (questions; MMLU's role).
 A question is cloze-style: the prompt followed by each of ``num_options`` answers of the same relation (the true
 one and distractors drawn with the seed); the model picks the answer with the highest mean token log-probability.
-Chance is ``1 / num_options``.
+Chance is ``1 / num_options``. The split contract and the loaders are those of
+:class:`datamodules.tamper_data.TamperDataModule` (the hub's WMDP-bio data: :mod:`datamodules.tar_wmdp`).
 """
 
 from __future__ import annotations
 
 import random
 
-import lightning as L
-import torch
-from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader
-
-from datamodules.base import TensorBatchDataset, _already_batched
+from datamodules.base import TensorBatchDataset
 from datamodules.facts import RELATIONS, Fact, country_facts
-from datamodules.text import load_tokenizer
+from datamodules.tamper_data import (
+    QUESTION_SPLITS,
+    SENTENCE_SPLITS,
+    TamperDataModule,
+    encode_completion,
+    longest,
+    pad_rows,
+    question_set,
+)
 
-SENTENCE_SPLITS = ("forget_train", "forget_meta", "attack", "retain_train")
-QUESTION_SPLITS = ("retain_eval", "forget_eval")  # retain first: its accuracy is the recipes' "acc"
+__all__ = ["QUESTION_SPLITS", "SENTENCE_SPLITS", "TamperFactsDataModule"]
 
 
-class TamperFactsDataModule(L.LightningDataModule):
+class TamperFactsDataModule(TamperDataModule):
     """Forget/retain fact sentences and multiple-choice questions (see the module docstring).
 
     Sentence splits are ``(input_ids, attention_mask, answer_mask)`` ``[N, T]`` (right-padded; ``answer_mask``
@@ -72,7 +75,7 @@ class TamperFactsDataModule(L.LightningDataModule):
         eval_batch_size: int = 32,
         seed: int = 0,
     ):
-        super().__init__()
+        super().__init__(tokenizer, bos_token, batch_size, eval_batch_size, seed)
         for rel in (forget_relation, *retain_relations):
             if rel not in RELATIONS:
                 raise ValueError(f"unknown relation {rel!r}; choose from {sorted(RELATIONS)}")
@@ -80,37 +83,12 @@ class TamperFactsDataModule(L.LightningDataModule):
             raise ValueError(f"{forget_relation!r} is both the forget and a retain relation")
         if num_options < 2:
             raise ValueError("num_options must be >= 2")
-        self.tokenizer_name, self.bos_token = tokenizer, bos_token
         self.forget_relation, self.retain_relations = forget_relation, list(retain_relations)
         self.sizes = {"forget_train": forget_train_size, "forget_meta": forget_meta_size, "attack": attack_size,
                       "forget_eval": forget_eval_size}  # fmt: skip
         self.retain_eval_size, self.num_options = retain_eval_size, num_options
-        self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
-        self.sets: dict[str, TensorBatchDataset] = {}
 
-    # --- building ---------------------------------------------------------------------------------------
-    def _encode(self, tok, prompt: str, answer: str) -> tuple[list[int], int]:
-        """Token ids of ``prompt answer`` (bos first if configured) and the number of answer tokens."""
-        bos = [] if self.bos_token is None else [tok.convert_tokens_to_ids(self.bos_token)]
-        p, full = tok(prompt)["input_ids"], tok(prompt + " " + answer)["input_ids"]
-        n = len(full) - len(p) if full[: len(p)] == p else len(tok(" " + answer, add_special_tokens=False)["input_ids"])
-        return bos + full, max(n, 1)
-
-    @staticmethod
-    def _pad(rows: list[tuple[list[int], int]], width: int, pad_id: int) -> tuple[torch.Tensor, ...]:
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask, ans = torch.zeros_like(ids, dtype=torch.bool), torch.zeros_like(ids, dtype=torch.bool)
-        for i, (seq, n) in enumerate(rows):
-            ids[i, : len(seq)], mask[i, : len(seq)] = torch.tensor(seq), True
-            ans[i, len(seq) - n : len(seq)] = True
-        return ids, mask, ans
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.sets:
-            return
-        tok = load_tokenizer(self.tokenizer_name)
-        if self.bos_token is not None and tok.convert_ids_to_tokens(tok.convert_tokens_to_ids(self.bos_token)) != self.bos_token:
-            raise ValueError(f"bos_token {self.bos_token!r} is not a token of {self.tokenizer_name}")
+    def build(self, tok, bos_id: int | None) -> dict[str, TensorBatchDataset]:
         rng = random.Random(self.seed)
         forget = country_facts([self.forget_relation])
         need = sum(self.sizes.values())
@@ -131,8 +109,8 @@ class TamperFactsDataModule(L.LightningDataModule):
         parts["retain_eval"], parts["retain_train"] = retain[: self.retain_eval_size], retain[self.retain_eval_size :]
         objects = {rel: sorted({f.target for f in country_facts([rel])}) for rel in (self.forget_relation, *self.retain_relations)}
         self.facts: dict[str, list[Fact]] = parts
-        encoded = {n: [self._encode(tok, RELATIONS[f.relation].prompt.format(f.subject), f.target) for f in parts[n]]
-                   for n in SENTENCE_SPLITS}  # fmt: skip
+        encoded = {n: [encode_completion(tok, bos_id, RELATIONS[f.relation].prompt.format(f.subject), f.target)
+                       for f in parts[n]] for n in SENTENCE_SPLITS}  # fmt: skip
         questions = {}
         for name in QUESTION_SPLITS:
             rows, labels = [], []
@@ -140,50 +118,19 @@ class TamperFactsDataModule(L.LightningDataModule):
                 others = rng.sample([o for o in objects[f.relation] if o != f.target], self.num_options - 1)
                 label = rng.randrange(self.num_options)
                 options = [*others[:label], f.target, *others[label:]]
-                rows.append([self._encode(tok, RELATIONS[f.relation].prompt.format(f.subject), o) for o in options])
+                prompt = RELATIONS[f.relation].prompt.format(f.subject)
+                rows.append([encode_completion(tok, bos_id, prompt, o) for o in options])
                 labels.append(label)
-            questions[name] = (rows, torch.tensor(labels))
-        width = max(len(s) for rows in encoded.values() for s, _ in rows)
-        width = max(width, *(len(s) for rows, _ in questions.values() for q in rows for s, _ in q))
-        for name, rows in encoded.items():
-            self.sets[name] = TensorBatchDataset(*self._pad(rows, width, tok.pad_token_id))
+            questions[name] = (rows, labels)
+        # one width for every split (the facts are short)
+        width = longest(*encoded.values(), *(q for rows, _ in questions.values() for q in rows))
+        sets = {name: TensorBatchDataset(*pad_rows(rows, width, tok.pad_token_id)) for name, rows in encoded.items()}
         for name, (rows, labels) in questions.items():
-            flat = self._pad([s for q in rows for s in q], width, tok.pad_token_id)
-            shaped = [t.view(len(rows), self.num_options, width) for t in flat]
-            self.sets[name] = TensorBatchDataset(*shaped, labels)
+            sets[name] = question_set(rows, labels, width, tok.pad_token_id)
+        return sets
 
     def describe(self) -> dict:
         """What an artifact manifest records about the data."""
         return {"datamodule": type(self).__name__, "forget_relation": self.forget_relation,
                 "retain_relations": self.retain_relations, "sizes": {k: len(v) for k, v in self.sets.items()},
                 "num_options": self.num_options, "seed": self.seed}  # fmt: skip
-
-    # --- access -----------------------------------------------------------------------------------------
-    def sentences(self, split: str) -> TensorBatchDataset:
-        if split not in SENTENCE_SPLITS:
-            raise ValueError(f"unknown sentence split {split!r}; choose from {SENTENCE_SPLITS}")
-        self.setup()
-        return self.sets[split]
-
-    def sample(self, split: str, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-        """A random batch (without replacement within the batch) of a sentence split."""
-        data = self.sentences(split)
-        idx = torch.randperm(len(data), generator=generator)[: min(batch_size, len(data))]
-        return data.__getitems__(idx.tolist())
-
-    def _loader(self, data: TensorBatchDataset, batch_size: int, shuffle: bool) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen, collate_fn=_already_batched)
-
-    def train_dataloader(self) -> CombinedLoader:
-        """``{"forget": ..., "retain": ...}`` sentence batches (the shorter corpus cycles)."""
-        loaders = {k: self._loader(self.sentences(f"{k}_train"), self.batch_size, True) for k in ("forget", "retain")}
-        return CombinedLoader(loaders, mode="max_size_cycle")
-
-    def val_dataloader(self) -> list[DataLoader]:
-        """``[retain questions, forget questions]``."""
-        self.setup()
-        return [self._loader(self.sets[n], self.eval_batch_size, False) for n in QUESTION_SPLITS]
-
-    def test_dataloader(self) -> list[DataLoader]:
-        return self.val_dataloader()

@@ -59,11 +59,19 @@ def _write_sst2(tmp_path_factory) -> None:
     write_tiny_sst2()
 
 
+def _write_wmdp(tmp_path_factory) -> None:
+    """The tiny WMDP-style store of country facts, through the exporter's writer (configs/tar/llama3_8b_tar_fsdp)."""
+    from tests.tar_wmdp_store import TINY_WMDP, write_tiny_wmdp_store
+
+    write_tiny_wmdp_store(ROOT / TINY_WMDP)
+
+
 # generated, git-ignored test assets: (parts of the test ids that need them, builder)
 TINY_ASSETS = [
     (("merging",), _build_merge_pool),  # test_merging*.py, configs/merging twins
     (("[clip/", "merging_clip"), _build_clip_pool),
     (("llama3_8b", "text_export"), _write_sst2),
+    (("llama3_8b_tar_fsdp", "tar_wmdp"), _write_wmdp),
 ]
 
 
