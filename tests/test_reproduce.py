@@ -41,3 +41,15 @@ def test_comparisons_in_their_own_modules_are_registered(tmp_path, monkeypatch):
     finally:
         COMPARISONS.pop("extra-cmp", None)
         sys.modules.pop("recipes.comparisons.extra_cmp", None)
+
+
+def test_fl_attack_comparisons_keep_one_federation_across_run_seeds(tmp_path):
+    """The attacker's data must not change with the run seed (seed 1's partition once left it 178 images and no
+    attack landed): every chameleon and trojandam stage draws its partition with data seed 0."""
+    from recipes.reproduce import load_comparisons
+
+    load_comparisons()
+    for name in ("chameleon", "trojandam"):
+        for stage in COMPARISONS[name].stages:
+            data_seeds = {_substitute(a, 1, tmp_path) for a in stage.overrides if a.startswith("--data.init_args.seed=")}
+            assert data_seeds == {"--data.init_args.seed=0"}, (name, stage.key)
