@@ -8,10 +8,12 @@ that names the export command to run.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from recipes.artifacts import atomic_write_text
+from recipes.artifacts import atomic_open, atomic_write_text
 
 
 class StoreNotFoundError(FileNotFoundError):
@@ -58,3 +60,43 @@ def read_meta(
     if not isinstance(meta, dict) or meta.get("format") != fmt or meta.get("version") != version:
         raise bad_format(f"{path} is not a {fmt} v{version} file; re-export it: {hint}")
     return meta
+
+
+def write_jsonl(path: Path, records: Iterable[dict]) -> dict:
+    """Write ``records`` to ``path`` as JSON lines, atomically, streamed; return ``{"rows", "sha256"}`` for
+    ``meta.json``. Non-ASCII text is kept as UTF-8; newlines inside strings are escaped by JSON, so every record is
+    one line."""
+    digest, rows = hashlib.sha256(), 0
+    with atomic_open(path) as out:
+        for rows, record in enumerate(records, start=1):
+            line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+            out.write(line)
+            digest.update(line)
+    return {"rows": rows, "sha256": digest.hexdigest()}
+
+
+def read_jsonl(
+    path: Path,
+    expected: dict,
+    hint: str,
+    bad_format: type[Exception] = StoreFormatError,
+    check: Callable[[object, int], object] = lambda record, number: record,
+) -> list:
+    """``check(record, line_number)`` of every record of a JSON-lines file written by :func:`write_jsonl`, then the
+    file checked against its ``meta.json`` entry ``expected`` (``rows``, ``sha256``): a line that is not JSON, or a
+    truncated or edited file, raises ``bad_format`` naming the file (and line); ``check`` raises for a bad record.
+
+    Lines are split in the bytes, not with ``str.splitlines``, which also breaks at U+2028, U+2029 and
+    U+0085: characters that JSON leaves unescaped inside strings and that web text contains."""
+    data, records = path.read_bytes(), []
+    lines = data.splitlines()  # bytes: \n and \r only, both escaped by JSON inside strings
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise bad_format(f"{path}:{number}: not a JSON line ({err.msg}); {hint}") from None
+        records.append(check(record, number))
+    if len(lines) != expected["rows"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+        raise bad_format(f"{path} has {len(lines)} rows (meta.json: {expected['rows']}) or a SHA-256 other than "
+                         f"meta.json's: the file was truncated or edited; {hint}")  # fmt: skip
+    return records

@@ -18,15 +18,12 @@ half-written file under its final name, and re-exporting removes ``meta.json`` f
 
 from __future__ import annotations
 
-import hashlib
-import json
 import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from datamodules import store_meta
-from recipes.artifacts import atomic_open
 
 FORMAT = "safeweights-text-store"
 VERSION = 1
@@ -74,17 +71,17 @@ def write_text_store(
     (directory / "meta.json").unlink(missing_ok=True)
     records = {}
     for split in (s for s in SPLITS if s in splits):
+
+        def rows(split: str = split):
+            for n, (text, label) in enumerate(splits[split], start=1):
+                _check_row(text, label, len(label_names), f"split {split!r} row {n}")
+                yield {"text": text, "label": int(label)}
+
         file = f"{split}.jsonl"
-        digest, rows = hashlib.sha256(), 0
-        with atomic_open(directory / file) as f:
-            for rows, (text, label) in enumerate(splits[split], start=1):
-                _check_row(text, label, len(label_names), f"split {split!r} row {rows}")
-                line = (json.dumps({"text": text, "label": int(label)}, ensure_ascii=False) + "\n").encode("utf-8")
-                f.write(line)
-                digest.update(line)
-        if rows == 0:
+        written = store_meta.write_jsonl(directory / file, rows())
+        if written["rows"] == 0:
             raise ValueError(f"split {split!r} is empty; a text store needs at least one row per split")
-        records[split] = {"file": file, "rows": rows, "sha256": digest.hexdigest()}
+        records[split] = {"file": file, **written}
     meta = {"format": FORMAT, "version": VERSION, "source": source, "revision": revision,
             "num_classes": len(label_names), "label_names": list(label_names), "splits": records}  # fmt: skip
     store_meta.write_meta(directory, meta)
@@ -121,24 +118,15 @@ def read_text_store(directory: str | Path) -> tuple[dict, dict[str, TextSplit]]:
         if not path.is_file():
             raise TextStoreNotFoundError(f"{path} is missing but {directory}/meta.json lists it: "
                                          + EXPORT_HINT.format(dir=directory))  # fmt: skip
-        data = path.read_bytes()
-        texts, labels = [], []
-        for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-            where = f"{path} line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TextStoreFormatError(f"{where}: not a JSON object ({err.msg})") from err
+        def check(row, number: int, path=path) -> tuple[str, int]:
+            where = f"{path}:{number}"
             if not isinstance(row, dict) or set(row) != {"text", "label"}:
                 raise TextStoreFormatError(f"{where}: expected an object with keys 'text' and 'label', "
-                                           f"got {line[:80]!r}")  # fmt: skip
+                                           f"got {str(row)[:80]!r}")  # fmt: skip
             _check_row(row["text"], row["label"], num_classes, where)
-            texts.append(row["text"])
-            labels.append(row["label"])
-        if len(texts) != record["rows"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
-            raise TextStoreFormatError(
-                f"{path} has {len(texts)} rows (meta.json: {record['rows']}) or a different SHA-256 than meta.json "
-                "records: the file was truncated or edited; re-export it with recipes.export_text"
-            )
+            return row["text"], row["label"]
+
+        rows = store_meta.read_jsonl(path, record, "re-export it with recipes.export_text", TextStoreFormatError, check)
+        texts, labels = [t for t, _ in rows], [y for _, y in rows]
         out[split] = TextSplit(texts, labels)
     return meta, out

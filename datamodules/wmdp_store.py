@@ -23,14 +23,11 @@ Files are written atomically (:func:`recipes.artifacts.atomic_open`), as the sib
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from datamodules import store_meta
-from recipes.artifacts import atomic_open
 
 FORMAT = "safeweights-tamper-domains"
 VERSION = 1
@@ -94,23 +91,20 @@ def write_domain_store(
     (directory / "meta.json").unlink(missing_ok=True)
     files = {}
     for stem, rows in [*texts.items(), *questions.items()]:
-        digest, n = hashlib.sha256(), 0
-        with atomic_open(directory / f"{stem}.jsonl") as out:
+
+        def records(stem: str = stem, rows=rows):
             for n, row in enumerate(rows, start=1):
                 where = f"{stem} record {n}"
                 if stem in TEXT_FILES:
                     text, source = row
-                    record = {"text": _check_text({"text": text}, where), "source": source}
+                    yield {"text": _check_text({"text": text}, where), "source": source}
                 else:
                     q = _check_question(row, where)
-                    record = {"question": q.question, "choices": list(q.choices), "answer": q.answer,
-                              "subject": q.subject}  # fmt: skip
-                line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-                out.write(line)
-                digest.update(line)
-            if n == 0:
-                raise ValueError(f"{stem}: no records to write (check the export's sources and filters)")
-        files[stem] = {"rows": n, "sha256": digest.hexdigest()}
+                    yield {"question": q.question, "choices": list(q.choices), "answer": q.answer, "subject": q.subject}
+
+        files[stem] = store_meta.write_jsonl(directory / f"{stem}.jsonl", records())
+        if files[stem]["rows"] == 0:
+            raise ValueError(f"{stem}: no records to write (check the export's sources and filters)")
     meta = {"format": FORMAT, "version": VERSION, "sources": sources or {}, "files": files, **(extra or {})}
     store_meta.write_meta(directory, meta)
     return directory
@@ -129,19 +123,9 @@ def _read(directory: str | Path, stem: str, check, limit: int | None) -> list:
     expected = meta["files"].get(stem)
     if expected is None or not path.is_file():
         raise DomainStoreNotFoundError(f"{path} is missing from the export: " + EXPORT_HINT.format(dir=directory))
-    data, out, number = path.read_bytes(), [], 0
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not a JSON line ({err.msg}); re-export the store") from None
-        item = check(record, f"{path}:{number}")
-        if limit is None or number <= limit:
-            out.append(item)
-    if number != expected["rows"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
-        raise ValueError(f"{path} has {number} lines (meta.json: {expected['rows']}) or a SHA-256 other than "
-                         "meta.json's: the file was truncated or edited; re-export it with recipes.export_wmdp")
-    return out
+    out = store_meta.read_jsonl(path, expected, "re-export it with recipes.export_wmdp",
+                                check=lambda record, number: check(record, f"{path}:{number}"))
+    return out if limit is None else out[:limit]
 
 
 def read_texts(directory: str | Path, stem: str, limit: int | None = None) -> list[str]:

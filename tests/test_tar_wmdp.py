@@ -104,7 +104,7 @@ def test_reader_refuses_a_truncated_file(tmp_path):
     store(tmp_path, forget=["one", "two", "three"])
     path = tmp_path / "forget.jsonl"
     path.write_text("".join(path.read_text().splitlines(keepends=True)[:2]))
-    with pytest.raises(ValueError, match="2 lines .meta.json: 3.*truncated or edited"):
+    with pytest.raises(ValueError, match="2 rows .meta.json: 3.*truncated or edited"):
         read_texts(tmp_path, "forget")
     assert len(read_texts(tmp_path, "retain")) == 20  # the other files still read
 

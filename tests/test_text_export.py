@@ -95,10 +95,10 @@ def _corrupt(path, transform):
 
 CORRUPTIONS = [
     ("truncated JSON line", "train.jsonl", lambda s: s.replace('"label": 1}', '"label": 1', 1),
-     "train.jsonl line 2: not a JSON"),
-    ("wrong keys", "test.jsonl", lambda s: s.replace('"label"', '"lbl"'), "test.jsonl line 1: expected an object"),
+     "train.jsonl:2: not a JSON"),
+    ("wrong keys", "test.jsonl", lambda s: s.replace('"label"', '"lbl"'), "test.jsonl:1: expected an object"),
     ("label out of range", "train.jsonl", lambda s: s.replace('"label": 0', '"label": 5', 1),
-     r"train.jsonl line 1:.*\[0, 2\)"),
+     r"train.jsonl:1:.*\[0, 2\)"),
     ("edited text", "train.jsonl", lambda s: s.replace("good", "bad"), "truncated or edited"),
     ("dropped row", "train.jsonl", lambda s: s.split("\n", 1)[1], "has 2 rows .*meta.json: 3"),
     ("foreign meta", "meta.json", lambda s: s.replace("safeweights-text-store", "other"), "not a safeweights-text"),
@@ -286,3 +286,11 @@ def test_datamodule_holds_validation_out_of_train_when_the_export_has_none(tmp_p
                                       poisoning=Poisoning(RareWord(["mn"]), rate=0.0))  # fmt: skip
     dm.setup("fit")
     assert len(dm.train_set) == 15 and len(dm.val_sets[0]) == 5 and len(dm.test_sets[0]) == 2
+
+
+def test_texts_with_unicode_line_separators_round_trip(tmp_path):
+    """JSON leaves U+2028, U+2029 and U+0085 unescaped; ``str.splitlines`` would break a record at them."""
+    texts = ["one\u2028two", "para\u2029graph", "next\x85line", "tab\tand\nnewline"]
+    out = store(tmp_path / "s", [(t, i % 2) for i, t in enumerate(texts)], [("fine", 0)])
+    _, splits = read_text_store(out)
+    assert splits["train"].texts == texts and splits["train"].labels == [0, 1, 0, 1]
