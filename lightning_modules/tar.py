@@ -81,10 +81,12 @@ class Safeguard(BaseRecipe):
         self.after_build()
         if self.init_from is not None:
             art = load_artifact(self.init_from)
-            _, unexpected = self.load_state_dict(art.state_dict, strict=False)
-            if unexpected:
-                raise ValueError(f"{self.init_from} holds tensors this model does not have, e.g. {unexpected[:3]}: "
-                                 "was it exported by a safeguard over the same model spec?")  # fmt: skip
+            trained = set(self.artifact_state_dict())
+            if set(art.state_dict) != trained:  # e.g. other trainable_layers: trunk weights would bypass the cache
+                odd = sorted(set(art.state_dict) ^ trained)[:3]
+                raise ValueError(f"{self.init_from} does not hold exactly this model's trained tensors (e.g. {odd}): "
+                                 "was it exported by a safeguard over the same model spec (trainable_layers)?")  # fmt: skip
+            self.load_state_dict(art.state_dict, strict=False)
             self._parents = [parent_record(art)]
         self._built = True
 

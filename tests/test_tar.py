@@ -271,3 +271,13 @@ def test_shipped_attack_lists_load(path):
     """Every attack list shipped for `python -m recipes.tamper --attacks` parses into distinct, valid attacks."""
     attacks = load_attacks(path)
     assert attacks and len({a.name for a in attacks}) == len(attacks)
+
+
+def test_an_artifact_of_another_trainable_span_is_refused(dm, tmp_path):
+    """Trunk tensors must never load behind the trunk cache, and no trained block may silently stay pretrained."""
+    from recipes.artifacts import save_artifact
+
+    source = GradientAscent(tiny_net(trainable_layers=1))
+    save_artifact(tmp_path / "one", source.artifact_state_dict(), {"recipe": "GradientAscent"})
+    with pytest.raises(ValueError, match="trained tensors.*trainable_layers"):
+        GradientAscent(tiny_net(trainable_layers=2), init_from=str(tmp_path / "one")).configure_model()
