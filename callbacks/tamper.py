@@ -14,6 +14,7 @@ import yaml
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_modules.tamper import TamperAttack, run_attack
+from recipes.artifacts import atomic_write_text
 
 
 def load_attacks(path: str | Path) -> list[TamperAttack]:
@@ -77,4 +78,4 @@ class TamperingHarness(pl.Callback):
             pl_module.log(f"tamper/{key}", value)
         if trainer.is_global_zero and trainer.log_dir:
             Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
-            (Path(trainer.log_dir) / "tamper.json").write_text(json.dumps(self.rows, indent=2))
+            atomic_write_text(Path(trainer.log_dir) / "tamper.json", json.dumps(self.rows, indent=2))

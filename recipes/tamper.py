@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from callbacks.tamper import load_attacks, run_harness, summarize_rows
+from recipes.artifacts import atomic_write_text
 
 
 def table(before: dict, rows: list[dict]) -> str:
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_harness(model.net, dm, load_attacks(args.attacks), args.seed)
     print(table(before, rows))
     if args.out is not None:
-        args.out.write_text(json.dumps({"before": before, "attacks": rows}, indent=2))
+        atomic_write_text(args.out, json.dumps({"before": before, "attacks": rows}, indent=2))
     return 0
 
 
