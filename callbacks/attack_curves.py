@@ -4,15 +4,10 @@ the mean over the window, not the lifespan after it, is the defense's measure)."
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
-
-from callbacks.round_curves import RoundCurves, curve_summary, plot_curves
-from recipes.artifacts import atomic_write_text
+from callbacks.round_curves import RoundCurves
 
 
 def attack_summary(record: dict[str, Any]) -> dict[str, float]:
@@ -35,12 +30,5 @@ def attack_summary(record: dict[str, Any]) -> dict[str, float]:
 class AttackCurves(RoundCurves):
     """:class:`RoundCurves` whose summary also holds :func:`attack_summary` (same arguments as RoundCurves)."""
 
-    def write(self, trainer: pl.Trainer) -> None:
-        out = Path(trainer.log_dir or trainer.default_root_dir)
-        if not trainer.is_global_zero or not self.record["rounds"]:
-            return
-        self.out_dir = out
-        out.mkdir(parents=True, exist_ok=True)
-        summary = {**curve_summary(self.record, self.lifespan_threshold), **attack_summary(self.record)}
-        atomic_write_text(out / f"{self.stem}.json", json.dumps({**self.record, "summary": summary}))
-        plot_curves({"": self.record}, out / f"{self.stem}.png", self.title or out.name, self.lifespan_threshold)
+    def summary(self) -> dict[str, float]:
+        return {**super().summary(), **attack_summary(self.record)}

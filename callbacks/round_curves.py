@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 
@@ -127,7 +127,7 @@ class RoundCurves(pl.Callback):
         self.stem, self.every_validation, self.title = stem, every_validation, title
         self.lifespan_threshold = lifespan_threshold
         self.record: dict[str, list] = {"rounds": [], "ma": [], "ba": [], "attack_rounds": []}
-        self.out_dir: Optional[Path] = None
+        self.out_dir: Path | None = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         active = trainer.callback_metrics.get("round/attack_active")
@@ -151,14 +151,17 @@ class RoundCurves(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.write(trainer)
 
+    def summary(self) -> dict[str, float]:
+        """The numbers written beside the curves (:func:`curve_summary`)."""
+        return curve_summary(self.record, self.lifespan_threshold)
+
     def write(self, trainer: pl.Trainer) -> None:
         out = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir is a collective under DDP: every rank
         if not trainer.is_global_zero or not self.record["rounds"]:
             return
         self.out_dir = out
         out.mkdir(parents=True, exist_ok=True)
-        summary = curve_summary(self.record, self.lifespan_threshold)
-        atomic_write_text(out / f"{self.stem}.json", json.dumps({**self.record, "summary": summary}))
+        atomic_write_text(out / f"{self.stem}.json", json.dumps({**self.record, "summary": self.summary()}))
         plot_curves({"": self.record}, out / f"{self.stem}.png", self.title or out.name, self.lifespan_threshold)
 
     def state_dict(self) -> dict[str, Any]:
