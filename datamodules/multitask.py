@@ -284,8 +284,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         for task in self.tasks:
             poisoning = task.poisoning
             if poisoning is not None and poisoning.rate > 0:  # the merge only needs the trigger's eval sets
-                poisoning = Poisoning(poisoning.trigger, 0.0, poisoning.target_label, poisoning.clean_label,
-                                      poisoning.seed)  # fmt: skip
+                poisoning = copy.copy(poisoning)
+                poisoning.rate = 0.0
             clean = copy.copy(task)
             clean.poisoning = poisoning
             self.splits.append(build_task(clean, self.image_size, self.seed))
