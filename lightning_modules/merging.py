@@ -234,13 +234,15 @@ class MergeRecipe(BaseRecipe):
             return {k: state[k] for k in shared_keys}, head, art.manifest
 
         self.pretrained_state = load(self.pretrained_path)[0]
-        finetuned = []
-        for path in self.task_paths:
+        self.task_vectors = []
+        for path in self.task_paths:  # one task model in memory at a time (8 CLIP towers would double the peak)
             shared, head, manifest = load(path)
-            finetuned.append(shared)
+            try:
+                self.task_vectors += ops.task_vectors(self.pretrained_state, [shared])
+            except ValueError as err:
+                raise ValueError(f"{path}: {err}") from None
             self.heads.append(self._linear_head(head, path))
             self.backdoored.append(float(manifest.get("poisoning", {}).get("rate", 0.0)) > 0)
-        self.task_vectors = ops.task_vectors(self.pretrained_state, finetuned)
         self.load_shared(self.pretrained_state)
 
     def _linear_head(self, head: ops.StateDict, path: str) -> nn.Linear:
