@@ -73,6 +73,7 @@ def write_image_store(
     class_names: list[str],
     image_size: int = 224,
     source: str = "",
+    revision: str | None = None,
 ) -> Path:
     """Write a store: ``splits`` maps ``train``/``test`` to ``(images, labels, count)``; images are streamed one at a
     time through :func:`prepare_image` into a memory-mapped ``.npy`` file, so exporting needs no more RAM than one
@@ -100,7 +101,7 @@ def write_image_store(
         del out
         np.save(directory / f"{split}_labels.npy", ys)
         counts[split] = count
-    meta = {"format": FORMAT, "version": VERSION, "source": source, "image_size": image_size,
+    meta = {"format": FORMAT, "version": VERSION, "source": source, "revision": revision, "image_size": image_size,
             "num_classes": len(class_names), "class_names": list(class_names), "splits": counts}  # fmt: skip
     store_meta.write_meta(directory, meta)
     return directory

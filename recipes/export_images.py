@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from datamodules.image_store import write_image_store
+from datamodules.store_meta import resolve_revision
 
 # task name -> (hub id, config name or None): the 8 tasks of Ilharco et al. (2023), as fusion_bench loads them.
 CLIP8 = {
@@ -34,6 +35,7 @@ def export(
     hub_id: str,
     out_dir: str | Path,
     config_name: str | None = None,
+    revision: str | None = None,
     train_split: str = "train",
     test_split: str = "test",
     image_column: str = "image",
@@ -47,9 +49,10 @@ def export(
         from datasets import load_dataset
     except ImportError as err:
         raise ImportError("exporting hub datasets needs `datasets`: pip install -e .[cluster]") from err
+    commit = resolve_revision(hub_id, revision)  # both splits from one commit, and meta.json names it
     splits = {}
     for name, split in (("train", train_split), ("test", test_split)):
-        ds = load_dataset(hub_id, config_name, split=split)
+        ds = load_dataset(hub_id, config_name, split=split, revision=commit)
         missing = [c for c in (image_column, label_column) if c not in ds.column_names]
         if missing:
             raise ValueError(f"{hub_id} [{split}] has no column {missing}; its columns are {ds.column_names}: "
@@ -63,7 +66,7 @@ def export(
             class_names = list(names)
         splits[name] = ((row[image_column] for row in ds), ds[label_column], len(ds))
     return write_image_store(out_dir, splits, class_names, image_size, source=f"hf://{hub_id}" +
-                             (f"/{config_name}" if config_name else ""))  # fmt: skip
+                             (f"/{config_name}" if config_name else ""), revision=commit)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="output directory (with --clip8: the parent of one per task)")
     parser.add_argument("--clip8", action="store_true", help="export the 8 CLIP tasks into out_dir/<task>")
     parser.add_argument("--config-name", default=None, help="dataset configuration (e.g. cropped_digits for SVHN)")
+    parser.add_argument("--revision", default=None, help="hub revision (commit, tag or branch) to pin; meta.json "
+                        "records the commit it resolves to")  # fmt: skip
     parser.add_argument("--train-split", default="train")
     parser.add_argument("--test-split", default="test")
     parser.add_argument("--image-column", default="image")
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = ({task: (hub, cfg, args.out_dir / task) for task, (hub, cfg) in CLIP8.items()} if args.clip8
             else {args.hub_id: (args.hub_id, args.config_name, args.out_dir)})  # fmt: skip
     for hub, cfg, out in jobs.values():
-        path = export(hub, out, cfg, args.train_split, args.test_split, args.image_column, args.label_column,
+        path = export(hub, out, cfg, args.revision, args.train_split, args.test_split, args.image_column, args.label_column,
                       args.image_size, args.class_names, args.max_per_split)  # fmt: skip
         print(f"exported {hub} -> {path}")
     return 0

@@ -25,6 +25,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from datamodules.store_meta import resolve_revision
 from datamodules.text_store import write_text_store
 
 # The W2SDefense SST-2: hub id and label names (SetFit/sst2's label_text column: 0 negative, 1 positive).
@@ -63,12 +64,13 @@ def export(
     if validation_split is not None and validation_split in (train_split, test_split):
         raise ValueError(f"the validation split {validation_split!r} is also the train or test split: pass another "
                          "--validation-split, or 'none'")  # fmt: skip
+    commit = resolve_revision(hub_id, revision)  # every split from one commit, and meta.json names it
     wanted = {"train": train_split, "validation": validation_split, "test": test_split}
     splits = {}
     for name, split in wanted.items():
         if split is None:
             continue
-        ds = load_dataset(hub_id, config_name, split=split, revision=revision)
+        ds = load_dataset(hub_id, config_name, split=split, revision=commit)
         missing = [c for c in (text_column, label_column) if c not in ds.column_names]
         if missing:
             raise ValueError(f"{hub_id} [{split}] has no column {missing}; its columns are {ds.column_names}: "
@@ -82,7 +84,7 @@ def export(
                                  "(for SetFit/sst2: --label-names negative positive)")  # fmt: skip
         splits[name] = _rows(ds, hub_id, split, text_column, label_column)
     source = f"hf://{hub_id}" + (f"/{config_name}" if config_name else "")
-    return write_text_store(out_dir, splits, list(label_names), source=source, revision=revision)
+    return write_text_store(out_dir, splits, list(label_names), source=source, revision=commit)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("hub_id", help=f"hub dataset id, e.g. {SST2['hub_id']} (W2SDefense's SST-2)")
     parser.add_argument("out_dir", type=Path, help="output directory")
     parser.add_argument("--config-name", default=None, help="dataset configuration, if the dataset has several")
-    parser.add_argument("--revision", default=None, help="hub revision (commit, tag or branch) to pin; recorded")
+    parser.add_argument("--revision", default=None, help="hub revision (commit, tag or branch) to pin; meta.json "
+                        "records the commit it resolves to")  # fmt: skip
     parser.add_argument("--train-split", default="train")
     parser.add_argument("--validation-split", default="validation", help="'none' to export no validation split")
     parser.add_argument("--test-split", default="test", help="a split with labels (GLUE hides its test labels)")

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from datamodules.store_meta import resolve_revision
 from datamodules.wmdp_store import write_domain_store
 
 FORGET_TEXT = ("lapisrocks/biology-pile-labeled:train:txt_chunk:label=True",
@@ -90,17 +91,6 @@ class HubSource:
     def record(self, commit: str, rows: int) -> dict:
         """This source as ``meta.json`` records it."""
         return {**asdict(self), "requested_revision": self.revision, "revision": commit, "rows": rows}
-
-
-def resolve_revision(hub_id: str, revision: str | None) -> str:
-    """The dataset commit ``revision`` (default: the main branch) points at, or ``revision`` as given (``main``)
-    when the hub's API cannot be asked."""
-    try:
-        from huggingface_hub import HfApi
-
-        return HfApi().dataset_info(hub_id, revision=revision).sha or (revision or "main")
-    except Exception:  # noqa: BLE001 (offline, gated or unknown: record what was asked for)
-        return revision or "main"
 
 
 def as_text(value) -> str:

@@ -134,17 +134,19 @@ def test_exporter_writes_a_store_from_a_hub_dataset(tmp_path, monkeypatch):
 
     calls = []
 
-    def load_dataset(hub_id, config_name=None, split="train"):
-        calls.append((hub_id, config_name, split))
+    def load_dataset(hub_id, config_name=None, split="train", revision=None):
+        calls.append((hub_id, config_name, split, revision))
         return FakeDataset(6) if split == "train" else FakeDataset(4, offset=6)
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr(export_images, "resolve_revision", lambda hub_id, rev: f"sha:{hub_id}:{rev}")  # no hub here
     out = export_images.export("org/pets", tmp_path / "pets", image_column="img", label_column="y", image_size=8,
                                max_per_split=5)  # fmt: skip
     meta = read_meta(out)
-    assert calls == [("org/pets", None, "train"), ("org/pets", None, "test")]
+    # both splits are read at the commit the default branch resolved to, and meta.json records it
+    assert calls == [("org/pets", None, "train", "sha:org/pets:None"), ("org/pets", None, "test", "sha:org/pets:None")]
     assert meta["class_names"] == ["cat", "dog", "eel"] and meta["splits"] == {"train": 5, "test": 4}
-    assert meta["source"] == "hf://org/pets"
+    assert meta["source"] == "hf://org/pets" and meta["revision"] == "sha:org/pets:None"
     images = np.load(out / "train_images.npy")
     assert images.shape == (5, 8, 8, 3) and images[3].max() == images[3].min() == 30  # constant images stay constant
     assert read_labels(out, "test").tolist() == [0, 1, 2, 0]

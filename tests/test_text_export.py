@@ -151,6 +151,7 @@ def fake_hub(monkeypatch, tables, class_names=None):
         return FakeDataset(tables[split], features)
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr(export_text, "resolve_revision", lambda hub_id, rev: f"sha:{hub_id}:{rev}")  # no hub here
     return calls
 
 
@@ -165,9 +166,10 @@ def test_exporter_writes_the_three_splits_in_hub_order(tmp_path, monkeypatch):
     calls = fake_hub(monkeypatch, SST2_LIKE)
     out = export_text.export("SetFit/sst2", tmp_path / "sst2", revision="r1", label_names=["negative", "positive"],
                              max_per_split=5)  # fmt: skip
-    assert calls == [("SetFit/sst2", None, s, "r1") for s in ("train", "validation", "test")]
+    # every split is read at the commit "r1" resolved to, and meta.json records that commit
+    assert calls == [("SetFit/sst2", None, s, "sha:SetFit/sst2:r1") for s in ("train", "validation", "test")]
     meta, splits = read_text_store(out)
-    assert meta["source"] == "hf://SetFit/sst2" and meta["revision"] == "r1"
+    assert meta["source"] == "hf://SetFit/sst2" and meta["revision"] == "sha:SetFit/sst2:r1"
     assert meta["label_names"] == ["negative", "positive"]
     assert splits["train"].texts == [f"train {i}" for i in range(5)] and splits["train"].labels == [0, 1, 0, 1, 0]
     assert splits["validation"].labels == [1, 0, 1] and splits["test"].texts[-1] == "test 3"
