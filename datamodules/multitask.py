@@ -217,7 +217,8 @@ class TaskImageDataModule(BackdoorDataModule):
     ):
         super().__init__(task.poisoning, batch_size, eval_batch_size, shuffle, num_workers, seed)
         self.task, self.image_size = task, image_size
-        self.num_classes = {"class": 10, "parity": 2, "rotation": 4}[task.labels]
+        # an exported task's class count is in its meta.json (read in setup, which also names a missing export)
+        self.num_classes = 0 if task.exported else {"class": 10, "parity": 2, "rotation": 4}[task.labels]
 
     def describe(self) -> dict:
         return {**super().describe(), **self.task.describe()}

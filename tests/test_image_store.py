@@ -215,6 +215,7 @@ def test_store_task_splits_poisons_lazily_and_builds_the_triggered_test_set(tmp_
 def test_store_tasks_feed_both_datamodules_with_float_batches(tmp_path):
     store = synthetic_store(tmp_path / "s")
     dm = TaskImageDataModule(patch_task(store), image_size=16, batch_size=5, eval_batch_size=6)
+    assert dm.num_classes == 0  # unknown (not a guessed 10) until setup reads meta.json
     dm.setup("fit")
     x, y = next(iter(dm.train_dataloader()))
     assert x.dtype == torch.float32 and x.shape == (5, 3, 16, 16) and y.shape == (5,)
