@@ -171,8 +171,11 @@ class DAM(AdaMerging):
             opts.append(self.detection_optimizer(list(self.detection_logits)))
         return opts
 
-    def _pseudo_label_loss(self, batch: dict, state: ops.StateDict, kind: str) -> torch.Tensor:
-        """``sum_k CE(f(x_k + delta_k), argmax f(x_k))`` (``consistency``) or ``sum_k H(f(x_k + delta_k))``."""
+    def _pseudo_label_loss(
+        self, batch: dict, state: ops.StateDict, kind: str, clean: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``sum_k CE(f(x_k + delta_k), argmax f(x_k))`` (``consistency``) or ``sum_k H(f(x_k + delta_k))``;
+        ``clean``: the clean logits ``f(x_k)`` per task when the caller has them already (saves a forward)."""
         total = 0.0
         for k, name in enumerate(self.task_names):
             x = batch[name][0]
@@ -180,8 +183,11 @@ class DAM(AdaMerging):
             if kind == "entropy":
                 total = total + ops.entropy(logits_adv)
             else:
-                with torch.no_grad():
-                    pseudo = self.forward_merged(x, k, state).argmax(-1)
+                if clean is None:
+                    with torch.no_grad():
+                        pseudo = self.forward_merged(x, k, state).argmax(-1)
+                else:
+                    pseudo = clean[k].detach().argmax(-1)
                 total = total + F.cross_entropy(logits_adv, pseudo)
         return total
 
@@ -216,10 +222,11 @@ class DAM(AdaMerging):
                 self.trigger.clamp_(-self.trigger_norm, self.trigger_norm)
         # (3) first-order meta step on one mask, at the updated coefficients (alternating)
         state = self.merged_state(masks)
-        perf = self.entropy_loss(batch, state)
+        clean = [self.forward_merged(batch[name][0], k, state) for k, name in enumerate(self.task_names)]
+        perf = sum((ops.entropy(logits) for logits in clean), 0.0)  # entropy_loss, keeping the logits
         update_detection = self.detection_mask and self._step % 2 == 1
         if update_detection or not self.detection_mask:
-            safe = self._pseudo_label_loss(batch, state, self.safe_loss)
+            safe = self._pseudo_label_loss(batch, state, self.safe_loss, clean)  # pseudo-labels from those logits
             loss_mask = perf + self.safety_weight * safe
             self.log("train/safe", safe)
         else:
