@@ -16,11 +16,10 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from lightning_modules.federated.aggregators import Aggregator
 from lightning_modules.federated.local import ClientContext, LocalTrainer
-from lightning_modules.ops.fedselect import grow_personal_mask
+from lightning_modules.ops.fedselect import grow_personal_mask, restore_inactive
 from lightning_modules.pfl import PersonalizedFedAvg
 
 
@@ -81,16 +80,8 @@ class FedSelect(PersonalizedFedAvg):
         one_pass = self.local.with_overrides(local_epochs=1)
         for _ in range(self.local.local_epochs):
             for active in (personal, ~personal):
-                if not active.any():
-                    continue
-                frozen = parameters_to_vector(model.parameters()).detach().clone()
-
-                def keep_inactive(m: nn.Module, active: Tensor = active, frozen: Tensor = frozen) -> None:
-                    with torch.no_grad():
-                        flat = torch.where(active, parameters_to_vector(m.parameters()), frozen)
-                        vector_to_parameters(flat, m.parameters())
-
-                one_pass.train(model, x, y, ctx.generator, after_step=keep_inactive)
+                if active.any():
+                    one_pass.train(model, x, y, ctx.generator, after_step=restore_inactive(model, active))
 
     def after_local_update(self, round: int, client: int) -> None:
         """Grow the client's mask every ``period`` rounds (not in round 0), per eligible tensor."""

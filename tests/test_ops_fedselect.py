@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_modules.ops.aggregation import fedavg
-from lightning_modules.ops.fedselect import broadcast, grow_personal_mask, masked_average
+from lightning_modules.ops.fedselect import broadcast, grow_personal_mask, masked_average, restore_inactive
 
 T, F = True, False
 
@@ -151,3 +151,18 @@ def test_broadcast_keeps_personal_entries():
     assert broadcast(server, own, torch.zeros(3, dtype=torch.bool)).tolist() == [1.0, 2.0, 3.0]
     with pytest.raises(ValueError, match="differ"):
         broadcast(server, own[:2], torch.zeros(3, dtype=torch.bool))
+
+
+def test_restore_inactive_puts_back_only_the_inactive_entries():
+    net = torch.nn.Linear(2, 2)  # weight [2, 2] (entries 0-3), bias [2] (entries 4-5)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        net.bias.copy_(torch.tensor([5.0, 6.0]))
+    hook = restore_inactive(net, torch.tensor([True, False, False, True, True, True]))
+    with torch.no_grad():  # an optimizer step moves every entry
+        net.weight.add_(10.0)
+        net.bias.add_(10.0)
+    hook(net)
+    assert net.weight.tolist() == [[11.0, 2.0], [3.0, 14.0]] and net.bias.tolist() == [15.0, 16.0]
+    with pytest.raises(ValueError, match="5 entries, the model 6"):
+        restore_inactive(net, torch.ones(5, dtype=torch.bool))

@@ -10,11 +10,12 @@ Parameters for Fine-Tuning", CVPR 2024 (arXiv 2404.02478); official code ``lapis
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["broadcast", "grow_personal_mask", "masked_average"]
+__all__ = ["broadcast", "grow_personal_mask", "masked_average", "restore_inactive"]
 
 
 def grow_personal_mask(personal: Tensor, delta: Tensor, rate: float, cap: float) -> Tensor:
@@ -90,3 +91,23 @@ def broadcast(server: Tensor, own: Tensor, personal: Tensor) -> Tensor:
     if not server.shape == own.shape == personal.shape:
         raise ValueError(f"server {tuple(server.shape)}, own {tuple(own.shape)} and mask {tuple(personal.shape)} differ")
     return torch.where(personal, own, server)
+
+
+def restore_inactive(model: nn.Module, active: Tensor) -> Callable[[nn.Module], None]:
+    """A hook for after each optimizer step that puts the entries of ``model``'s parameters outside ``active`` (a
+    flat ``bool`` mask in ``model.parameters()`` order) back to their values now, so one LocalAlt pass trains only
+    the active entries. Tensors whose entries are all active are left alone, and only the inactive tensors' start
+    values are copied, once (per step, no flatten of the whole model)."""
+    if active.numel() != sum(p.numel() for p in model.parameters()):
+        raise ValueError(f"the mask has {active.numel()} entries, the model {sum(p.numel() for p in model.parameters())}")
+    kept = []
+    for p, mask in zip(model.parameters(), torch.split(active, [p.numel() for p in model.parameters()])):
+        if not bool(mask.all()):
+            kept.append((p, mask.view_as(p), p.detach().clone()))
+
+    def hook(_: nn.Module) -> None:
+        with torch.no_grad():
+            for p, mask, start in kept:
+                p.copy_(torch.where(mask, p, start))
+
+    return hook
