@@ -34,22 +34,14 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from lightning_modules.federated.aggregators import Aggregator, FedAvg
 from lightning_modules.federated.local import ClientContext, LocalTrainer
-from lightning_modules.federated.recipe import FederatedRecipe, _seed
+from lightning_modules.federated.recipe import (
+    FederatedRecipe,
+    _seed,
+    flat_buffers,
+    load_flat_buffers,
+)
 from lightning_modules.ops import aggregation as agg_ops
 from lightning_modules.ops.fedselect import broadcast, masked_average
-
-
-def _flat_buffers(model: nn.Module) -> Tensor:
-    bufs = [b.detach().flatten() for b in model.buffers() if b.is_floating_point()]
-    return torch.cat(bufs) if bufs else parameters_to_vector(model.parameters()).new_zeros(0)
-
-
-def _load_buffers(model: nn.Module, flat: Tensor) -> None:
-    offset = 0
-    with torch.no_grad():
-        for b in (b for b in model.buffers() if b.is_floating_point()):
-            b.copy_(flat[offset : offset + b.numel()].view_as(b))
-            offset += b.numel()
 
 
 class PersonalizedFedAvg(FederatedRecipe):
@@ -121,7 +113,7 @@ class PersonalizedFedAvg(FederatedRecipe):
             n = self.trainer.datamodule.num_clients
             g = parameters_to_vector(self.net.parameters()).detach()
             self.clients = {"params": g.repeat(n, 1), "personal": self.initial_personal_mask().repeat(n, 1),
-                            "buffers": _flat_buffers(self.net).repeat(n, 1)}  # fmt: skip
+                            "buffers": flat_buffers(self.net).repeat(n, 1)}  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ a round
     def client_start(self, client: int) -> Tensor:
@@ -148,7 +140,7 @@ class PersonalizedFedAvg(FederatedRecipe):
             vector_to_parameters(params.clone(), model.parameters())
         for p in model.parameters():
             p.requires_grad_(True)
-        _load_buffers(model, buffers)
+        load_flat_buffers(model, buffers)
         return model
 
     def client_update(self, round: int, client: int, dm: Any) -> tuple[Tensor, Tensor]:
@@ -164,8 +156,8 @@ class PersonalizedFedAvg(FederatedRecipe):
         new = parameters_to_vector(model.parameters()).detach()
         if torch.isfinite(new).all():  # a diverged client keeps its previous model (and is not averaged)
             self.clients["params"][client] = new
-            self.clients["buffers"][client] = _flat_buffers(model)
-        return new - g, _flat_buffers(model)
+            self.clients["buffers"][client] = flat_buffers(model)
+        return new - g, flat_buffers(model)
 
     def compute_round(self, round: int, dm: Any) -> dict[str, Any]:
         clients = self.sample_clients(round, dm.num_clients)
@@ -328,7 +320,7 @@ class Ditto(PersonalizedFedAvg):
             v = parameters_to_vector(personal.parameters()).detach()
             if torch.isfinite(v).all():
                 self.clients["params"][client] = v
-                self.clients["buffers"][client] = _flat_buffers(personal)
-            model = self._model(g, _flat_buffers(self.net))  # the global model's FedAvg training
+                self.clients["buffers"][client] = flat_buffers(personal)
+            model = self._model(g, flat_buffers(self.net))  # the global model's FedAvg training
             self.local.train(model, x, y, gen)
-        return parameters_to_vector(model.parameters()).detach() - g, _flat_buffers(model)
+        return parameters_to_vector(model.parameters()).detach() - g, flat_buffers(model)

@@ -53,6 +53,21 @@ def _seed(*parts: int) -> int:
     return h
 
 
+def flat_buffers(model: nn.Module) -> Tensor:
+    """The model's floating-point buffers (BatchNorm statistics) as one flat vector (empty if it has none)."""
+    bufs = [b.detach().flatten() for b in model.buffers() if b.is_floating_point()]
+    return torch.cat(bufs) if bufs else parameters_to_vector(model.parameters()).new_zeros(0)
+
+
+def load_flat_buffers(model: nn.Module, flat: Tensor) -> None:
+    """Copy a :func:`flat_buffers` vector back into the model's floating-point buffers."""
+    offset = 0
+    with torch.no_grad():
+        for b in (b for b in model.buffers() if b.is_floating_point()):
+            b.copy_(flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+
 class FederatedRecipe(BaseRecipe):
     """Federated training of ``net`` on a :class:`~datamodules.federated.FederatedDataModule`, one round per
     training step, with optional attack, robust aggregation and server-side defenses.
@@ -192,8 +207,7 @@ class FederatedRecipe(BaseRecipe):
         update = parameters_to_vector(model.parameters()).detach() - global_flat
         if self.is_malicious(client, round):
             update = self.attack.post_process(update, ctx)
-        bufs = [b.detach().flatten() for b in model.buffers() if b.is_floating_point()]
-        return update, torch.cat(bufs) if bufs else update.new_zeros(0)
+        return update, flat_buffers(model)
 
     def compute_round(self, round: int, dm: Any) -> dict[str, Any]:
         """Local training of the round's clients and aggregation; nothing is applied to the global model."""
@@ -238,11 +252,7 @@ class FederatedRecipe(BaseRecipe):
         opt.step()
         opt.zero_grad(set_to_none=True)
         if out["buffers"] is not None and self.buffers == "average":
-            with torch.no_grad():
-                offset = 0
-                for b in (b for b in self.net.buffers() if b.is_floating_point()):
-                    b.copy_(out["buffers"][offset : offset + b.numel()].view_as(b))
-                    offset += b.numel()
+            load_flat_buffers(self.net, out["buffers"])
         after = parameters_to_vector(self.net.parameters()).detach()
         if not torch.isfinite(after).all():
             raise FloatingPointError(
