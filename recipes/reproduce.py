@@ -252,6 +252,13 @@ COMPARISONS["fl"] = Comparison(
 COMPARISONS["fl"].plot = lambda results, path: curves_plot(COMPARISONS["fl"], results, path, 0.5)
 
 
+def fl_warmup_stage(dataset: str, data: list[str], rounds: int, group: str, label: str = "clean warm-up") -> Stage:
+    """The clean warm-up (norm clipping, no attack, ``rounds`` rounds) that the chameleon and trojandam comparisons'
+    attack runs start from, as ``{artifact:<dataset>/warmup}``."""
+    return Stage(f"{dataset}/warmup", "chameleon/mnist_normclip.yaml",
+                 ["--config=configs/fl/attacks/none.yaml", f"--trainer.max_steps={rounds}", *data], group, label)
+
+
 def _chameleon_stages(dataset: str, name: str, warmup_rounds: int, partition_seed: int = 0) -> list[Stage]:
     """A clean warm-up (cached artifact), then the same attack window for each attack, warm-started from it.
 
@@ -262,8 +269,7 @@ def _chameleon_stages(dataset: str, name: str, warmup_rounds: int, partition_see
     cfg, group = "chameleon/mnist_normclip.yaml", f"{name}, norm clipping (M = 1)"
     data = [f"--data.init_args.dataset={dataset}", f"--data.init_args.seed={partition_seed}"]
     warm = f"--model.init_args.init_from={{artifact:{dataset}/warmup}}"
-    stages = [Stage(f"{dataset}/warmup", cfg, ["--config=configs/fl/attacks/none.yaml",
-                                               f"--trainer.max_steps={warmup_rounds}", *data], group, "clean warm-up"),
+    stages = [fl_warmup_stage(dataset, data, warmup_rounds, group),
               Stage(f"{dataset}/clean", cfg, ["--config=configs/fl/attacks/none.yaml", warm, *data], group, "no attack")]
     rate = "--model.init_args.attack.init_args.poison_fraction=0.109375"  # 7 of 64, as Chameleon (official)
     for attack in ("naive", "pgd", "neurotoxin"):

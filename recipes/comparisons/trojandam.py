@@ -2,8 +2,8 @@
 FedAvg, norm clipping, Multi-Krum and FLAME under a continuous backdoor attack (naive, Neurotoxin, Chameleon) on
 MNIST and Fashion-MNIST.
 
-Each attack run starts from a clean warm-up artifact (the chameleon comparison's warm-up stage: same config, net
-and partition, so its cached run can be reused), then the attacker (client 0) takes part in every one of the
+Each attack run starts from a clean warm-up artifact (``fl_warmup_stage``, the chameleon comparison's warm-up:
+same config, net and partition), then the attacker (client 0) takes part in every one of the
 ``configs/trojandam/mnist_continuous.yaml`` rounds. The federation (partition, client test splits) is drawn with
 data seed 0 for every run seed, so the attacker's data stay the same (see the chameleon comparison); the run seed
 draws the initialisation, client sampling and SGD noise. Stages are ordered by priority (MNIST naive and Neurotoxin,
@@ -12,10 +12,9 @@ then Chameleon, then Fashion-MNIST), so ``--only`` prefixes such as ``mnist/naiv
 
 from __future__ import annotations
 
-from recipes.reproduce import COMPARISONS, Comparison, Stage, curves_plot
+from recipes.reproduce import COMPARISONS, Comparison, Stage, curves_plot, fl_warmup_stage
 
 CONFIG = "trojandam/mnist_continuous.yaml"
-WARMUP_CONFIG = "chameleon/mnist_normclip.yaml"
 DEFENSES = {"FedAvg": "fedavg", "norm clip": "normclip", "Multi-Krum": "multikrum", "FLAME": "flame",
             "TrojanDam": "trojandam", "TrojanDam, stable mapping": "trojandam_stable"}  # fmt: skip
 ATTACKS = {"naive": "naive", "Neurotoxin": "neurotoxin", "Chameleon": "chameleon"}
@@ -30,8 +29,7 @@ def trojandam_stages(dataset: str, attacks: dict[str, str], warmup_rounds: int =
     warm = f"--model.init_args.init_from={{artifact:{dataset}/warmup}}"
     none = "--config=configs/fl/attacks/none.yaml"
     stages = [
-        Stage(f"{dataset}/warmup", WARMUP_CONFIG, [none, f"--trainer.max_steps={warmup_rounds}", *data],
-              f"{name}, no attack", "clean warm-up (norm clip)"),
+        fl_warmup_stage(dataset, data, warmup_rounds, f"{name}, no attack", "clean warm-up (norm clip)"),
         *[Stage(f"{dataset}/none/{cfg}", CONFIG, [none, f"--config=configs/fl/defenses/{cfg}.yaml", warm, *data],
                 f"{name}, no attack", label) for label, cfg in (("FedAvg", "fedavg"), ("TrojanDam", "trojandam"))],
     ]  # fmt: skip
