@@ -90,7 +90,8 @@ class TamperFactsDataModule(TamperDataModule):
 
     def build(self, tok, bos_id: int | None) -> dict[str, TensorBatchDataset]:
         rng = random.Random(self.seed)
-        forget = country_facts([self.forget_relation])
+        by_relation = {rel: country_facts([rel]) for rel in dict.fromkeys((self.forget_relation, *self.retain_relations))}
+        forget = by_relation[self.forget_relation]
         need = sum(self.sizes.values())
         if need > len(forget):
             raise ValueError(f"the split sizes ask for {need} countries but {self.forget_relation!r} has {len(forget)}")
@@ -102,12 +103,12 @@ class TamperFactsDataModule(TamperDataModule):
         for name in ("forget_train", "forget_meta", "attack"):
             parts[name] = pool[start : start + self.sizes[name]]
             start += self.sizes[name]
-        retain = [f for rel in self.retain_relations for f in country_facts([rel])]
+        retain = [f for rel in self.retain_relations for f in by_relation[rel]]
         rng.shuffle(retain)
         if self.retain_eval_size >= len(retain):
             raise ValueError(f"retain_eval_size={self.retain_eval_size} leaves no retain corpus ({len(retain)} facts)")
         parts["retain_eval"], parts["retain_train"] = retain[: self.retain_eval_size], retain[self.retain_eval_size :]
-        objects = {rel: sorted({f.target for f in country_facts([rel])}) for rel in (self.forget_relation, *self.retain_relations)}
+        objects = {rel: sorted({f.target for f in facts}) for rel, facts in by_relation.items()}
         self.facts: dict[str, list[Fact]] = parts
         encoded = {n: [encode_completion(tok, bos_id, RELATIONS[f.relation].prompt.format(f.subject), f.target)
                        for f in parts[n]] for n in SENTENCE_SPLITS}  # fmt: skip
