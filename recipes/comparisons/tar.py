@@ -17,8 +17,20 @@ from recipes.reproduce import COMPARISONS, Comparison, Stage
 GROUP = "SmolLM2-135M, forget: capitals, retain: language + currency (top 4 blocks)"
 SAFEGUARDS = {"none": "no safeguard", "gradient_ascent": "gradient ascent", "random_mapping": "Random Mapping",
               "tar": "TAR (from Random Mapping)", "rm_strong": "Random Mapping, lr 1e-3, weight 10",
-              "tar_strong": "TAR (from the stronger RM)"}  # fmt: skip
+              "tar_strong": "TAR (from the stronger RM)", "tar_long": "TAR, 200 outer steps, K = 16, strong adversaries",
+              "tar_long_norep": "the same TAR without the representation term"}  # fmt: skip
 STRONG_RM = ["--model.init_args.optimizer.init_args.lr=1e-3", "--model.init_args.mapping_weight=10"]
+# A longer TAR run whose training adversaries span the harness's learning-rate range (1e-4 to 1e-3, AdamW and SGD,
+# retain-then-forget); K = 16 inner steps with TR every 4 (4 evaluations, as the official subsample), 200 outer steps.
+LONG_ADVERSARIES = (
+    "[{name: adamw_lr1e-4, optimizer: adamw, lr: 1.0e-4, steps: 16},"
+    " {name: adamw_lr3e-4, optimizer: adamw, lr: 3.0e-4, steps: 16},"
+    " {name: adamw_lr1e-3, optimizer: adamw, lr: 1.0e-3, steps: 16},"
+    " {name: sgd_lr1e-2, optimizer: sgd, lr: 1.0e-2, steps: 16},"
+    " {name: switch_lr3e-4, optimizer: adamw, lr: 3.0e-4, steps: 16, data: retain_then_forget}]"
+)
+LONG_TAR = ["--trainer.max_steps=200", "--trainer.val_check_interval=200", "--model.init_args.tr_every=4",
+            f"--model.init_args.adversaries={LONG_ADVERSARIES}"]
 
 
 def _attack_rows(runs: list[dict]) -> dict[str, dict[str, float]]:
@@ -64,7 +76,7 @@ def tar_report(results: dict, path: Path) -> None:
     doc += "\n\nChance is 25% (4 options). Attack settings:\n\n```\n" + json.dumps(settings, indent=1) + "\n```\n"
     atomic_write_text(path.with_name(path.stem + "-attacks.md"), doc)
 
-    fig, ax = plt.subplots(figsize=(11, 4))
+    fig, ax = plt.subplots(figsize=(11, 5))
     width = 0.8 / len(SAFEGUARDS)
     labels = ["before", *attacks]
     for j, key in enumerate(SAFEGUARDS):
@@ -76,7 +88,7 @@ def tar_report(results: dict, path: Path) -> None:
                   ha="right", fontsize=7)  # fmt: skip
     ax.set_ylabel("forget accuracy (%)")
     ax.set_ylim(0, 105)
-    ax.legend(fontsize=7, ncol=5, loc="upper center")
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.3))  # below the axes, off the bars
     ax.set_title("Forget (capital) MCQ accuracy before and after each tampering attack", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
@@ -99,6 +111,13 @@ COMPARISONS["tar"] = Comparison(
         Stage("tar_strong", "tar/smollm2_tar.yaml",
               ["--data.init_args.seed={seed}", "--model.init_args.init_from={artifact:rm_strong}"], GROUP,
               SAFEGUARDS["tar_strong"]),
+        Stage("tar_long", "tar/smollm2_tar.yaml",
+              ["--data.init_args.seed={seed}", "--model.init_args.init_from={artifact:rm_strong}", *LONG_TAR], GROUP,
+              SAFEGUARDS["tar_long"]),
+        # ablation: the representation term pulls the retain features back to the undefended model's
+        Stage("tar_long_norep", "tar/smollm2_tar.yaml",
+              ["--data.init_args.seed={seed}", "--model.init_args.init_from={artifact:rm_strong}", *LONG_TAR,
+               "--model.init_args.representation_weight=0"], GROUP, SAFEGUARDS["tar_long_norep"]),
     ],
     columns={"test/forget_acc": "forget acc before (%)", "test/retain_acc": "retain acc before (%)",
              "tamper/mean_forget_acc": "forget acc after, mean over attacks (%)",
@@ -109,6 +128,9 @@ COMPARISONS["tar"] = Comparison(
     "countries; retain: 60 questions on official languages and currencies. The defender trains on the capitals of 60 "
     "other countries (TAR's held-out TR set: 30 more); every attack fine-tunes a fresh copy on the capitals of 40 "
     "further countries (answer tokens), so no evaluated fact is ever trained on. Only the top 4 of 30 blocks are "
-    "trained and attacked (configs/tar/attacks/all_layers.yaml, an attacker of every weight, was not run for lack of CPU time). rm_strong: Random Mapping with lr 1e-3 and mapping weight 10 (the config: 1e-4, 1). Every attack's row: tar-attacks.md.",
+    "trained and attacked (configs/tar/attacks/all_layers.yaml, an attacker of every weight, was not run for lack of CPU time). rm_strong: Random Mapping with lr 1e-3 and mapping weight 10 (the config: 1e-4, 1). The TAR rows run 30 outer steps with K = 8 against "
+    "AdamW adversaries at lr 3e-5/1e-4 (the config), or 200 outer steps with K = 16 (TR every 4) against AdamW at "
+    "lr 1e-4/3e-4/1e-3, SGD at 1e-2 and a retain-then-forget AdamW at 3e-4 (LONG_ADVERSARIES), with and without the "
+    "representation term. Every attack's row: tar-attacks.md.",
     plot=tar_report,
 )
