@@ -12,7 +12,13 @@ then Chameleon, then Fashion-MNIST), so ``--only`` prefixes such as ``mnist/naiv
 
 from __future__ import annotations
 
-from recipes.reproduce import COMPARISONS, Comparison, Stage, curves_plot, fl_warmup_stage
+from recipes.reproduce import (
+    COMPARISONS,
+    Comparison,
+    Stage,
+    curves_plot,
+    fl_warmup_stage,
+)
 
 CONFIG = "trojandam/mnist_continuous.yaml"
 DEFENSES = {"FedAvg": "fedavg", "norm clip": "normclip", "Multi-Krum": "multikrum", "FLAME": "flame",
