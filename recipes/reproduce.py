@@ -123,7 +123,8 @@ def summarize(comp: Comparison, results: dict[str, list[dict]]) -> str:
 
 
 def bar_plot(comp: Comparison, results: dict[str, list[dict]], path: Path) -> None:
-    """Grouped bars of each metric per stage, with the seeds' standard deviation as error bars."""
+    """Grouped horizontal bars of each metric per stage (one panel per group, stacked; stage labels on the y axis,
+    so long labels stay readable), with the seeds' standard deviation as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,24 +132,29 @@ def bar_plot(comp: Comparison, results: dict[str, list[dict]], path: Path) -> No
     from callbacks.round_curves import save_figure
 
     groups = list(dict.fromkeys(s.group for s in comp.stages))
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.6), squeeze=False)
-    for ax, group in zip(axes[0], groups):
+    counts = [sum(s.group == g for s in comp.stages) for g in groups]
+    per_bar = 0.22 * max(len(comp.columns), 1)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 0.9 + sum(0.5 + per_bar * n for n in counts)),
+                             gridspec_kw={"height_ratios": [0.5 + per_bar * n for n in counts]}, squeeze=False)  # fmt: skip
+    for ax, group in zip(axes[:, 0], groups):
         stages = [s for s in comp.stages if s.group == group]
-        width = 0.8 / max(len(comp.columns), 1)
+        height = 0.8 / max(len(comp.columns), 1)
         for j, (metric, title) in enumerate(comp.columns.items()):
             vals = [[r["metrics"].get(metric, float("nan")) * 100 for r in results.get(s.key, [])] for s in stages]
             means = [statistics.fmean(v) if v else 0.0 for v in vals]
             errs = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
-            xs = [i + j * width for i in range(len(stages))]
-            ax.bar(xs, means, width, yerr=errs, capsize=3, label=title)
-        ax.set_xticks([i + width * (len(comp.columns) - 1) / 2 for i in range(len(stages))])
-        ax.set_xticklabels([s.label or s.key for s in stages], rotation=15)
-        ax.set_ylim(0, 105)
-        ax.set_ylabel("%")
-        ax.set_title(group)
-        ax.legend(loc="lower right", fontsize=8)
+            ys = [i + j * height for i in range(len(stages))]
+            ax.barh(ys, means, height, xerr=errs, capsize=3, label=title)
+        ax.set_yticks([i + height * (len(comp.columns) - 1) / 2 for i in range(len(stages))])
+        ax.set_yticklabels([s.label or s.key for s in stages], fontsize=8)
+        ax.invert_yaxis()  # stages top to bottom in comparison order
+        ax.set_xlim(0, 105)
+        ax.set_xlabel("%")
+        ax.set_title(group, fontsize=9)
     fig.suptitle(comp.title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper right", ncol=len(comp.columns), fontsize=7,
+               frameon=False, bbox_to_anchor=(1.0, 0.975))  # fmt: skip
     save_figure(fig, path)
 
 
