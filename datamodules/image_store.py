@@ -6,8 +6,9 @@ SVHN, GTSRB, MNIST, DTD) come from the Hugging Face hub. ``datasets`` is a clust
 the directory with numpy alone:
 
 ``<dir>/meta.json``
-    ``{"format": "safeweights-image-store", "version": 1, "source", "image_size", "num_classes", "class_names",
-    "splits": {"train": N, "test": M}}``; written last, so a directory without it is an unfinished export.
+    ``{"format": "safeweights-image-store", "version": 1, "source", "revision", "image_size", "num_classes",
+    "class_names", "splits": {"train": N, "test": M}}`` (``revision``: the dataset commit exported); written last,
+    so a directory without it is an unfinished export.
 ``<dir>/<split>_images.npy``
     ``uint8 [N, S, S, 3]`` RGB, resized once at export as CLIP's preprocessing does (shorter side to ``S`` with
     bicubic resampling, then the centre ``S x S`` crop; Radford et al., 2021).
