@@ -123,7 +123,7 @@ COMPARISONS["tar"] = Comparison(
              "tamper/mean_forget_acc": "forget acc after, mean over attacks (%)",
              "tamper/max_forget_acc": "forget acc after, worst attack (%)",
              "tamper/mean_retain_acc": "retain acc after, mean (%)"},
-    seeds=(0,),
+    seeds=(0, 1),
     notes="Forget: 40 cloze multiple-choice questions (4 options, chance 25%) on the capitals of the 40 most populous "
     "countries; retain: 60 questions on official languages and currencies. The defender trains on the capitals of 60 "
     "other countries (TAR's held-out TR set: 30 more); every attack fine-tunes a fresh copy on the capitals of 40 "
