@@ -24,18 +24,6 @@ class StoreFormatError(ValueError):
     """A file of an exported directory is malformed; the message names the file (and line) and the fix."""
 
 
-def resolve_revision(hub_id: str, revision: str | None) -> str:
-    """The commit that the hub dataset ``hub_id`` at ``revision`` (default: its main branch) points at now, so an
-    export's ``meta.json`` names the exact data it holds; ``revision`` as given (or ``main``) when the hub's API cannot
-    be asked (offline, gated or unknown)."""
-    try:
-        from huggingface_hub import HfApi
-
-        return HfApi().dataset_info(hub_id, revision=revision).sha or (revision or "main")
-    except Exception:  # noqa: BLE001 (offline, gated or unknown: record what was asked for)
-        return revision or "main"
-
-
 def write_meta(directory: str | Path, meta: dict) -> None:
     """Write ``directory/meta.json`` atomically (call it after every data file is in place)."""
     atomic_write_text(Path(directory) / "meta.json", json.dumps(meta, indent=2) + "\n")

@@ -16,7 +16,13 @@ import sys
 from pathlib import Path
 
 from datamodules.image_store import write_image_store
-from datamodules.store_meta import resolve_revision
+from recipes.hub_export import (
+    class_label_names,
+    load_split,
+    require_datasets,
+    resolve_revision,
+    source_uri,
+)
 
 # task name -> (hub id, config name or None): the 8 tasks of Ilharco et al. (2023), as fusion_bench loads them.
 CLIP8 = {
@@ -45,28 +51,17 @@ def export(
     max_per_split: int | None = None,
 ) -> Path:
     """Load ``hub_id`` with ``datasets`` and write it to ``out_dir`` (see the module docstring)."""
-    try:
-        from datasets import load_dataset
-    except ImportError as err:
-        raise ImportError("exporting hub datasets needs `datasets`: pip install -e .[cluster]") from err
+    require_datasets()
     commit = resolve_revision(hub_id, revision)  # both splits from one commit, and meta.json names it
     splits = {}
     for name, split in (("train", train_split), ("test", test_split)):
-        ds = load_dataset(hub_id, config_name, split=split, revision=commit)
-        missing = [c for c in (image_column, label_column) if c not in ds.column_names]
-        if missing:
-            raise ValueError(f"{hub_id} [{split}] has no column {missing}; its columns are {ds.column_names}: "
-                             "pass --image-column/--label-column")  # fmt: skip
-        if max_per_split is not None:
-            ds = ds.select(range(min(max_per_split, len(ds))))
+        ds = load_split(hub_id, config_name, split, commit, [image_column, label_column],
+                        "pass --image-column/--label-column", max_per_split)  # fmt: skip
         if class_names is None:
-            names = getattr(ds.features[label_column], "names", None)
-            if names is None:
-                raise ValueError(f"{hub_id}'s {label_column!r} column is not a ClassLabel: pass --class-names")
-            class_names = list(names)
+            class_names = class_label_names(ds, label_column, hub_id, "pass --class-names")
         splits[name] = ((row[image_column] for row in ds), ds[label_column], len(ds))
-    return write_image_store(out_dir, splits, class_names, image_size, source=f"hf://{hub_id}" +
-                             (f"/{config_name}" if config_name else ""), revision=commit)  # fmt: skip
+    return write_image_store(out_dir, splits, class_names, image_size, source=source_uri(hub_id, config_name),
+                             revision=commit)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,8 +25,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from datamodules.store_meta import resolve_revision
 from datamodules.text_store import write_text_store
+from recipes.hub_export import (
+    class_label_names,
+    load_split,
+    require_datasets,
+    resolve_revision,
+    source_uri,
+)
 
 # The W2SDefense SST-2: hub id and label names (SetFit/sst2's label_text column: 0 negative, 1 positive).
 SST2 = {"hub_id": "SetFit/sst2", "label_names": ["negative", "positive"]}
@@ -57,10 +63,7 @@ def export(
 ) -> Path:
     """Load ``hub_id`` with ``datasets`` and write it to ``out_dir`` (see the module docstring); ``validation_split``
     ``None`` exports no validation split."""
-    try:
-        from datasets import load_dataset
-    except ImportError as err:
-        raise ImportError("exporting hub datasets needs `datasets`: pip install -e .[cluster]") from err
+    require_datasets()
     if validation_split is not None and validation_split in (train_split, test_split):
         raise ValueError(f"the validation split {validation_split!r} is also the train or test split: pass another "
                          "--validation-split, or 'none'")  # fmt: skip
@@ -70,21 +73,13 @@ def export(
     for name, split in wanted.items():
         if split is None:
             continue
-        ds = load_dataset(hub_id, config_name, split=split, revision=commit)
-        missing = [c for c in (text_column, label_column) if c not in ds.column_names]
-        if missing:
-            raise ValueError(f"{hub_id} [{split}] has no column {missing}; its columns are {ds.column_names}: "
-                             "pass --text-column/--label-column")  # fmt: skip
-        if max_per_split is not None:
-            ds = ds.select(range(min(max_per_split, len(ds))))
+        ds = load_split(hub_id, config_name, split, commit, [text_column, label_column],
+                        "pass --text-column/--label-column", max_per_split)  # fmt: skip
         if label_names is None:
-            label_names = getattr(ds.features[label_column], "names", None)
-            if label_names is None:
-                raise ValueError(f"{hub_id}'s {label_column!r} column is not a ClassLabel: pass --label-names "
-                                 "(for SetFit/sst2: --label-names negative positive)")  # fmt: skip
+            label_names = class_label_names(ds, label_column, hub_id, "pass --label-names (for SetFit/sst2: "
+                                            "--label-names negative positive)")  # fmt: skip
         splits[name] = _rows(ds, hub_id, split, text_column, label_column)
-    source = f"hf://{hub_id}" + (f"/{config_name}" if config_name else "")
-    return write_text_store(out_dir, splits, list(label_names), source=source, revision=commit)
+    return write_text_store(out_dir, splits, list(label_names), source=source_uri(hub_id, config_name), revision=commit)
 
 
 def main(argv: list[str] | None = None) -> int:

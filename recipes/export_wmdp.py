@@ -29,8 +29,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from datamodules.store_meta import resolve_revision
 from datamodules.wmdp_store import write_domain_store
+from recipes.hub_export import load_split, require_datasets, resolve_revision
 
 FORGET_TEXT = ("lapisrocks/biology-pile-labeled:train:txt_chunk:label=True",
                "lapisrocks/camel-bio:train:camel_ai_message_2_text_chunk")  # fmt: skip
@@ -75,18 +75,10 @@ class HubSource:
     def load(self):
         """``(dataset, commit)``: the split at the commit its revision resolves to now (so meta.json names what was
         read), its columns checked."""
-        try:
-            from datasets import load_dataset
-        except ImportError as err:
-            raise ImportError("exporting hub datasets needs `datasets`: pip install -e .[cluster]") from err
+        require_datasets()
         commit = resolve_revision(self.hub_id, self.revision)
-        ds = load_dataset(self.hub_id, self.config, split=self.split, revision=commit)
         needed = [c for c in (self.column, self.where and self.where[0]) if c]
-        missing = [c for c in needed if c not in ds.column_names]
-        if missing:
-            raise ValueError(f"{self.hub_id} [{self.split}] has no column {missing}; its columns are "
-                             f"{ds.column_names}: fix the source spec")  # fmt: skip
-        return ds, commit
+        return load_split(self.hub_id, self.config, self.split, commit, needed, "fix the source spec"), commit
 
     def record(self, commit: str, rows: int) -> dict:
         """This source as ``meta.json`` records it."""
