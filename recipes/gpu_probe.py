@@ -207,8 +207,8 @@ class Probe(L.Callback):
         if autocast:
             return f"{precision} but autocast is on in training"
         allowed = {want, "float64"} | declared
-        if matmuls - allowed:
-            return f"{precision} but matmuls in {sorted(matmuls - allowed)}"
+        if (matmuls | outputs) - allowed:
+            return f"{precision} but matmuls in {sorted((matmuls | outputs) - allowed)}"
         if set(self.param_dtypes) - allowed:
             return f"{precision} but trained parameters are {sorted(self.param_dtypes)}"
         return "ok"
