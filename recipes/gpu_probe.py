@@ -144,6 +144,9 @@ class Probe(L.Callback):
             self.fsdp_units = sum(isinstance(m, FSDP) for m in trainer.strategy.model.modules())
         except ImportError:  # pragma: no cover - torch without distributed
             self.fsdp_units = 0
+        if type(trainer.strategy).__name__ == "FSDPStrategy" and self.fsdp_units <= 1:
+            self._problem("FSDP wrapped the whole model as one unit (no auto_wrap_policy): every rank gathers all "
+                          "parameters at once; set the strategy's auto_wrap_policy to the decoder layer class")
         records = self.hook_records
 
         def record(module, inputs, output) -> None:  # a closure, not a bound method: a deepcopy of the module
