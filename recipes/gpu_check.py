@@ -118,7 +118,8 @@ class Plan:
         if model:
             args["random_init"] = True
             depth = standins.architecture(kind, self.layers)["num_hidden_layers"]
-            self.notes.append(f"{where}: {name} -> random {kind}, {depth} layers")
+            full = standins.architecture(kind)["num_hidden_layers"]
+            self.notes.append(f"{where}: {name} -> random {kind}, {depth} of {full} layers")
         else:
             self.notes.append(f"{where}: tokenizer {name} -> word-level stand-in")
 
@@ -130,7 +131,8 @@ class Plan:
             return None
         config = TINY["clip-vit-b32"] if self.tiny else standins.architecture("clip-vit-b32", self.layers)
         args.update(model_name_or_path=None, vision_config=dict(config))
-        note = f"{where}: {name} -> random CLIP vision tower, {config['num_hidden_layers']} layers"
+        depth = f"{config['num_hidden_layers']} layers" if self.tiny else f"{config['num_hidden_layers']} of 12 layers"
+        note = f"{where}: {name} -> {'tiny ' if self.tiny else ''}random CLIP vision tower, {depth}"
         if args.get("head_init") == "zero_shot":
             args["head_init"] = "random"
             note += ", random head instead of the zero-shot head (no text tower)"

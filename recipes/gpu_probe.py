@@ -44,6 +44,9 @@ def tensors_in(obj, path: str, depth: int = 3):
     """``(path, tensor)`` for every tensor in ``obj`` and its lists, tuples and dicts, ``depth`` levels down."""
     if isinstance(obj, torch.Tensor):
         yield path, obj
+    elif isinstance(obj, nn.Module) and path.endswith("]"):  # a module kept in a plain list or dict
+        for name, tensor in [*obj.named_parameters(), *obj.named_buffers()]:
+            yield f"{path}.{name}", tensor
     elif depth > 0 and isinstance(obj, (list, tuple)):
         for i, item in enumerate(obj):
             yield from tensors_in(item, f"{path}[{i}]", depth - 1)

@@ -62,9 +62,9 @@ def test_gpu_plan_of_every_cluster_config_parses(check, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "limit_val_batches: 0" in printed and "TamperingHarness" not in printed
     text = "\n".join(plan.notes)
-    expected = {"tar": "Meta-Llama-3-8B-Instruct -> random llama3-8b, 2 layers", "w2s": "-> synthetic text store",
-                "namet": "Llama-2-7b-hf -> random llama2-7b, 2 layers", "fl": "cifar10 -> synthetic binary batches",
-                "clip": "-> random CLIP vision tower, 2 layers"}  # fmt: skip
+    expected = {"tar": "Meta-Llama-3-8B-Instruct -> random llama3-8b, 2 of 32 layers", "w2s": "-> synthetic text store",
+                "namet": "Llama-2-7b-hf -> random llama2-7b, 2 of 32 layers", "fl": "cifar10 -> synthetic binary batches",
+                "clip": "-> random CLIP vision tower, 2 of 12 layers"}  # fmt: skip
     assert expected[check.name.split("_")[0]] in text, text
     if check.name.startswith("clip"):
         assert "num_hidden_layers: 2" in printed and "hidden_size: 768" in printed and "patch_size: 32" in printed
