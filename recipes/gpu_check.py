@@ -34,6 +34,7 @@ from recipes.gpu_probe import NO_MATMUL, Probe
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS, TWINS = REPO / "configs", REPO / "tests" / "configs"
 SKIPPED_CALLBACKS = {"TamperingHarness"}  # minutes of attacks after fit: not what a GPU check measures
+EXPORT_CALLBACKS = {"ExportArtifact"}  # kept by default: exporting gathers a sharded model's full state dict
 TINY = {  # stand-in sizes in --cpu mode
     "clip-vit-b32": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                      "image_size": 32, "patch_size": 8, "projection_dim": 16},  # fmt: skip
@@ -97,9 +98,10 @@ class Plan:
     """Turns one config into the config a check runs: stand-ins for what is missing, a shortened trainer."""
 
     def __init__(self, scratch: Path, steps: int, tiny: bool, layers: int | None, synthetic: bool, edits: int,
-                 stats_tokens: int, write: bool = True):  # fmt: skip
+                 stats_tokens: int, write: bool = True, export: bool = True):  # fmt: skip
         self.scratch, self.steps, self.tiny, self.layers = scratch, steps, tiny, layers
         self.synthetic, self.edits, self.stats_tokens, self.write = synthetic, edits, stats_tokens, write
+        self.skipped = SKIPPED_CALLBACKS | (set() if export else EXPORT_CALLBACKS)
         self.notes: list[str] = []
         self.env: dict[str, str] = {}
 
@@ -250,7 +252,7 @@ class Plan:
         trainer.pop("val_check_interval", None)
         callbacks = trainer.get("callbacks") or []
         trainer["callbacks"] = [c for c in callbacks if c.get("class_path", "").rsplit(".", 1)[-1]
-                                not in SKIPPED_CALLBACKS]  # fmt: skip
+                                not in self.skipped]  # fmt: skip
         model, data = cfg["model"], cfg["data"]
         for where, cls, args in list(_nodes(model, "model")):
             if cls in MODEL_KEYS:
@@ -314,7 +316,8 @@ def run_prepared(check: Check, config: Path, accelerator: str, devices: int, sca
 
 def run_check(check: Check, args, scratch: Path) -> dict:
     source = (TWINS if args.cpu else CONFIGS) / check.config
-    plan = Plan(scratch, args.steps, args.cpu, args.layers, args.synthetic, args.edits, args.stats_tokens)
+    plan = Plan(scratch, args.steps, args.cpu, args.layers, args.synthetic, args.edits, args.stats_tokens,
+                export=not args.no_export)  # fmt: skip
     cfg = plan.config(yaml.safe_load(source.read_text()), check.name, check.max_steps)
     config = scratch / "configs" / f"{check.name}.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
@@ -347,11 +350,12 @@ def _fmt(value, digits: int = 2) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ["check", "proc", "precision", "verdict", "steps/s", "samples/s", "GPU peak GB", "host peak GB", "FSDP units",
-            "problems"]  # fmt: skip
+    head = ["check", "proc", "params M (trained)", "precision", "verdict", "steps/s", "samples/s", "GPU peak GB",
+            "host peak GB", "FSDP units", "problems"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["check"], _fmt(r.get("processes")), r.get("precision", "-"), r.get("precision_ok", "-"),
+        params = f"{_fmt(r.get('params_m'), 1)} ({_fmt(r.get('trained_params_m'), 1)})"
+        cells = [r["check"], _fmt(r.get("processes")), params, r.get("precision", "-"), r.get("precision_ok", "-"),
                  _fmt(r.get("steps_per_s"), 3), _fmt(r.get("samples_per_s"), 1), _fmt(r.get("gpu_peak_gb")),
                  _fmt(r.get("host_peak_gb")), _fmt(r.get("fsdp_units")),
                  "; ".join(r.get("problems", [])) or r.get("error", "") or "none"]  # fmt: skip
@@ -373,6 +377,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--processes", type=int, default=None,
                         help="run the 2-process DDP check (default: on GPU when 2+ GPUs are visible, never on CPU)")
     parser.add_argument("--no-scan", action="store_true", help="skip the operator device scan of the first step")
+    parser.add_argument("--no-export", action="store_true",
+                        help="drop ExportArtifact (an 8B export writes 16 GB; kept by default: it gathers FSDP shards)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/gpu_check"), help="stand-ins, configs and runs")
     parser.add_argument("--json", type=Path, default=None, help="also write one JSON row per check to this file")
     parser.add_argument("--prepared", type=Path, default=None, help=argparse.SUPPRESS)  # a multi-process child

@@ -117,7 +117,8 @@ class Probe(L.Callback):
         self.scan: DeviceScan | None = None
         self.scan_result: DeviceScan | None = None
         self.fsdp_units = 0
-        self.param_dtypes: Counter = Counter()
+        self.param_dtypes: Counter = Counter()  # dtype -> trained elements
+        self.params = 0
         self.device = torch.device("cpu")
         self.steps = 0
 
@@ -138,6 +139,7 @@ class Probe(L.Callback):
         off = [f"{n} ({t.device})" for n, t in module_tensors(pl_module) if t.device.type != self.device.type]
         if off:
             self._problem(f"{len(off)} module tensors off {self.device.type}: {', '.join(off[:3])}")
+        self.params = sum(p.numel() for p in pl_module.parameters())
         for p in pl_module.parameters():
             if p.requires_grad:
                 self.param_dtypes[str(p.dtype).removeprefix("torch.")] += p.numel()
@@ -230,6 +232,8 @@ class Probe(L.Callback):
             "first_step_s": self.step_seconds[0] if self.step_seconds else None,
             "precision": str(precision),
             "precision_ok": self.precision_verdict(precision, declared),
+            "params_m": self.params / 1e6,
+            "trained_params_m": sum(self.param_dtypes.values()) / 1e6,
             "param_dtypes": dict(self.param_dtypes),
             "layer_outputs": sorted({f"{d}{'+autocast' if a else ''}" for d, a in self.hook_records}),
             "fsdp_units": self.fsdp_units,

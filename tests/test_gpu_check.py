@@ -33,7 +33,7 @@ def test_cpu_mode_runs_every_single_process_check_on_the_twins(tmp_path, capsys)
         assert rows[name]["precision"] == "bf16-mixed" and "bfloat16+autocast" in rows[name]["layer_outputs"], name
     assert rows["fl_cifar10_resnet18_ddp"]["precision"] == "32-true"  # the config's precision wins over ddp.yaml's
     assert rows["clip_adamerging"]["matmul_dtypes"] == {"float32": rows["clip_adamerging"]["matmul_dtypes"]["float32"]}
-    assert "| tar_llama3_8b_fsdp | 1 | bf16-mixed | ok |" in out
+    assert "| bf16-mixed | ok |" in next(line for line in out.splitlines() if line.startswith("| tar_llama3_8b_fsdp"))
     assert "fl_cifar10_resnet18_ddp2: skipped" in out
 
 
