@@ -12,6 +12,7 @@ from torch import nn
 
 from datamodules.sources import load_image_dataset
 from recipes import gpu_check, standins
+from recipes.gpu_plan import Plan
 from recipes.cli import main as cli_main
 from recipes.gpu_probe import NO_MATMUL, DeviceScan, Probe, module_tensors
 
@@ -49,7 +50,7 @@ def test_cpu_mode_two_process_ddp(tmp_path):
 @pytest.mark.parametrize("check", gpu_check.CHECKS, ids=lambda c: c.name)
 def test_gpu_plan_of_every_cluster_config_parses(check, tmp_path, capsys):
     """The stand-ins the GPU mode would use (forced, 2 layers) give a config the CLI accepts, with the real sizes."""
-    plan = gpu_check.Plan(tmp_path, steps=3, tiny=False, layers=2, synthetic=True, edits=64, stats_tokens=65536,
+    plan = Plan(tmp_path, steps=3, tiny=False, layers=2, synthetic=True, edits=64, stats_tokens=65536,
                           write=False)  # fmt: skip
     source = yaml.safe_load((gpu_check.CONFIGS / check.config).read_text())
     cfg = plan.config(source, check.name, check.max_steps)
