@@ -184,9 +184,9 @@ class Plan:
             t = task["init_args"]
             if not self.synthetic and (Path(t["dataset"]) / "meta.json").exists():
                 continue
-            directory = self.scratch / "data" / f"images{size}" / t["name"]
             train = (t.get("val_size") or 0) + batch * (self.steps + 2)
             test = t.get("test_size") or 32
+            directory = self.scratch / "data" / f"images{size}" / f"{t['name']}-{train}-{test}"  # reused by size
             if self.write and not (directory / "meta.json").exists():
                 standins.write_images(directory, train, test, size)
             t["dataset"] = str(directory)
