@@ -44,10 +44,14 @@ class ClassifierRecipe(BaseRecipe):
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.net(*inputs)
 
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training objective (a hook): cross-entropy with ``label_smoothing``."""
+        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         *inputs, labels = batch
         logits = self(*inputs)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        loss = self.loss(logits, labels)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", (logits.argmax(-1) == labels).float().mean())
         return loss
