@@ -18,14 +18,14 @@ import torch
 from datamodules.base import BackdoorDataModule, TensorBatchDataset
 from datamodules.sources import load_image_dataset
 from datamodules.triggers import ImageTrigger
-from lightning_modules.ops.partition import class_partition, dirichlet_partition, iid_partition, shard_partition
+from datamodules.partition import class_partition, dirichlet_partition, iid_partition, shard_partition
 
 
 class FederatedDataModule(BackdoorDataModule):
     """An image dataset (grayscale, or CIFAR-10 colour) split into ``num_clients`` clients, each with a train and
     a test split.
 
-    Partitions (see :mod:`lightning_modules.ops.partition`): ``iid`` (McMahan et al. 2017), ``dirichlet``
+    Partitions (see :mod:`datamodules.partition`): ``iid`` (McMahan et al. 2017), ``dirichlet``
     label skew (Hsu et al. 2019), ``shards`` (McMahan et al.'s pathological non-IID) and ``classes`` (exactly
     ``classes_per_client`` distinct classes per client, the pathological split of LG-FedAvg, FedRep and
     FedSelect). Clients' data is
@@ -37,7 +37,7 @@ class FederatedDataModule(BackdoorDataModule):
 
     Args:
         dataset: ``mnist``, ``fashion-mnist``, ``digits`` (scikit-learn 8x8) or ``cifar10`` (3x32x32; a cluster
-            asset: ``python -m recipes.assets download cifar10``).
+            asset: ``python -m foundation.assets download cifar10``).
         num_clients: Number of clients the training split is partitioned into.
         partition: ``iid``, ``dirichlet``, ``shards`` or ``classes``.
         alpha: Dirichlet concentration for ``partition="dirichlet"`` (0.5: moderate skew; must be > 0).

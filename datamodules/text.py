@@ -9,9 +9,9 @@ import torch
 
 from datamodules.base import BackdoorDataModule, TensorBatchDataset
 from datamodules.sources import TEXT_DATASETS, load_text_dataset
-from datamodules.text_store import read_text_meta
+from foundation.text_store import read_text_meta
 from datamodules.triggers import TextTrigger
-from recipes import assets
+from foundation import assets
 
 
 def load_tokenizer(name_or_path: str, padding_side: Literal["right", "left"] | None = None):
@@ -45,7 +45,7 @@ class TextClassificationDataModule(BackdoorDataModule):
         tokenizer: asset name (``minilm-l6``, ``smollm2-135m``), local path or hub id of the tokenizer;
             use the same one as the model.
         dataset: ``rotten-tomatoes`` (12.7k deduplicated snippets, fixed 2000-snippet test split) or the directory
-            of a text export (``python -m recipes.export_text SetFit/sst2 data/sst2 --label-names negative
+            of a text export (``python -m foundation.export_text SetFit/sst2 data/sst2 --label-names negative
             positive``: SST-2's 6920/872/1821 sentences).
         max_length: truncation length in tokens.
         padding_side: ``right`` for encoders; ``left`` is usual for decoders (``None``: the tokenizer's own).

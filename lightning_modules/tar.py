@@ -41,7 +41,7 @@ from lightning_modules.tamper import (
     option_scores,
     trim,
 )
-from recipes.artifacts import load_artifact, parent_record
+from foundation.artifacts import load_artifact, parent_record
 
 _METRICS = ("forget_acc", "forget_nll", "retain_acc", "retain_nll")
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from recipes.artifacts import atomic_write_text
+from foundation.artifacts import atomic_write_text
 
 
 @dataclass

@@ -96,7 +96,7 @@ def test_model_without_a_head_is_refused():
 
 
 def test_warm_start_from_an_artifact(tmp_path):
-    from recipes.artifacts import save_artifact
+    from foundation.artifacts import save_artifact
 
     donor = make_recipe(attack=NaivePoisoning(schedule=AttackSchedule([0])))
     fit(donor, make_dm(), rounds=2)

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks import CheckpointOnPreemption, RoundCurves
 from lightning_modules.federated import AttackSchedule, FedAvg, NaivePoisoning
-from recipes.checkpoint_io import SafeCheckpointIO
+from foundation.checkpoint_io import SafeCheckpointIO
 from recipes.cli import main
 from tests.helpers import TINY
 from tests.test_federated import flat, make_dm, make_recipe

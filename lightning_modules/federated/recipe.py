@@ -25,7 +25,7 @@ from lightning_modules.federated.aggregators import Aggregator, FedAvg
 from lightning_modules.federated.attacks import Attack
 from lightning_modules.federated.local import ClientContext, LocalTrainer
 from lightning_modules.ops import aggregation as agg_ops
-from recipes.artifacts import load_artifact, parent_record
+from foundation.artifacts import load_artifact, parent_record
 
 
 class ServerDefense:

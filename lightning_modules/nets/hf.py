@@ -8,12 +8,14 @@ to ``from_pretrained`` as a local path or hub id.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import torch
+from peft import LoraConfig
 from torch import nn
 
-from recipes import assets
+from foundation import assets
 
 
 def load_hf_model(auto_cls, path: str, config, random_init: bool = False, dtype: torch.dtype = torch.float32,
@@ -38,7 +40,9 @@ def load_hf_model(auto_cls, path: str, config, random_init: bool = False, dtype:
 
 
 class LoraSpec:
-    """LoRA adapter settings (Hu et al., 2021), turned into a ``peft.LoraConfig``.
+    """LoRA adapter settings (Hu et al., 2021), turned into a ``peft.LoraConfig``. New configs give
+    ``peft.LoraConfig`` itself (``class_path: peft.LoraConfig``, peft's field names: ``lora_alpha``,
+    ``lora_dropout``, ...); this wrapper stays for the configs and recipes that still use it.
 
     Args:
         r: rank of the update.
@@ -145,12 +149,15 @@ class HFSequenceClassifier(HFModel):
     Args:
         pretrained: asset name (``minilm-l6``, ``smollm2-135m``), local directory or hub id.
         num_labels: classes of the new head.
-        lora: LoRA adapters via peft; ``None`` fine-tunes every weight.
+        lora: LoRA adapters, a ``peft.LoraConfig`` (its ``task_type`` defaults to ``SEQ_CLS``, so peft trains the
+            new head in full) or a :class:`LoraSpec`; ``None`` fine-tunes every weight.
 
     The spec arguments of :class:`HFModel` (``random_init``, ``config_overrides``, ``dtype``) pass through.
     """
 
-    def __init__(self, pretrained: str = "minilm-l6", num_labels: int = 2, lora: LoraSpec | None = None, **kwargs):
+    def __init__(
+        self, pretrained: str = "minilm-l6", num_labels: int = 2, lora: LoraConfig | LoraSpec | None = None, **kwargs
+    ):
         super().__init__(pretrained=pretrained, **kwargs)
         self.num_labels, self.lora = num_labels, lora
 
@@ -163,9 +170,12 @@ class HFSequenceClassifier(HFModel):
         model = load_hf_model(AutoModelForSequenceClassification, self.path, config, self.random_init,
                               self.torch_dtype)  # fmt: skip
         if self.lora is not None:
-            from peft import get_peft_model
+            from peft import TaskType, get_peft_model
 
-            model = get_peft_model(model, self.lora.to_peft())
+            lora = self.lora.to_peft() if isinstance(self.lora, LoraSpec) else self.lora
+            if lora.task_type is None:
+                lora = dataclasses.replace(lora, task_type=TaskType.SEQ_CLS)
+            model = get_peft_model(model, lora)
         return model.train()  # from_pretrained returns eval mode; Lightning manages train/eval
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
