@@ -9,16 +9,16 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from recipes.artifacts import save_artifact
+from foundation.artifacts import save_artifact
 
 
 class ExportArtifact(pl.Callback):
-    """Writes ``<log_dir>/<dirname>/{model.safetensors,manifest.json}`` with :func:`recipes.artifacts.save_artifact`.
+    """Writes ``<log_dir>/<dirname>/{model.safetensors,manifest.json}`` with :func:`foundation.artifacts.save_artifact`.
 
     The manifest holds ``recipe`` (the module's import path), ``config`` (the ``config.yaml`` LightningCLI saved in
     the log dir, as text), ``metrics`` (``trainer.callback_metrics``), whatever ``pl_module.artifact_metadata()``
     returns (e.g. trigger and target), and ``parents`` from ``pl_module.artifact_parents()`` (a list of
-    :func:`recipes.artifacts.parent_record` dicts). The tensors are ``pl_module.artifact_state_dict()`` if the module
+    :func:`foundation.artifacts.parent_record` dicts). The tensors are ``pl_module.artifact_state_dict()`` if the module
     defines it, else ``pl_module.state_dict()``, copied to the CPU; it is computed on every rank and rank zero
     writes it, so it must hold whole (unsharded) tensors there.
 

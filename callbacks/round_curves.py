@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from recipes.artifacts import atomic_write_text
+from foundation.artifacts import atomic_write_text
 
 
 def plot_curves(

@@ -14,7 +14,7 @@ import yaml
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_modules.tamper import TamperAttack, run_attack
-from recipes.artifacts import atomic_write_text
+from foundation.artifacts import atomic_write_text
 
 
 def load_attacks(path: str | Path) -> list[TamperAttack]:

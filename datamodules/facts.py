@@ -25,7 +25,7 @@ from typing import Literal
 import lightning as L
 from torch.utils.data import DataLoader
 
-from recipes import assets
+from foundation import assets
 
 
 @dataclass

@@ -16,17 +16,16 @@ from typing import Literal
 import torch
 
 from datamodules.base import BackdoorDataModule, TensorBatchDataset
-from datamodules.poisoning import Poisoning
 from datamodules.sources import load_image_dataset
 from datamodules.triggers import ImageTrigger
-from lightning_modules.ops.partition import class_partition, dirichlet_partition, iid_partition, shard_partition
+from datamodules.partition import class_partition, dirichlet_partition, iid_partition, shard_partition
 
 
 class FederatedDataModule(BackdoorDataModule):
     """An image dataset (grayscale, or CIFAR-10 colour) split into ``num_clients`` clients, each with a train and
     a test split.
 
-    Partitions (see :mod:`lightning_modules.ops.partition`): ``iid`` (McMahan et al. 2017), ``dirichlet``
+    Partitions (see :mod:`datamodules.partition`): ``iid`` (McMahan et al. 2017), ``dirichlet``
     label skew (Hsu et al. 2019), ``shards`` (McMahan et al.'s pathological non-IID) and ``classes`` (exactly
     ``classes_per_client`` distinct classes per client, the pathological split of LG-FedAvg, FedRep and
     FedSelect). Clients' data is
@@ -38,7 +37,7 @@ class FederatedDataModule(BackdoorDataModule):
 
     Args:
         dataset: ``mnist``, ``fashion-mnist``, ``digits`` (scikit-learn 8x8) or ``cifar10`` (3x32x32; a cluster
-            asset: ``python -m recipes.assets download cifar10``).
+            asset: ``python -m foundation.assets download cifar10``).
         num_clients: Number of clients the training split is partitioned into.
         partition: ``iid``, ``dirichlet``, ``shards`` or ``classes``.
         alpha: Dirichlet concentration for ``partition="dirichlet"`` (0.5: moderate skew; must be > 0).
@@ -49,12 +48,14 @@ class FederatedDataModule(BackdoorDataModule):
             personalised FL such as FedSelect); 0 keeps all for training.
         train_size: Samples drawn (seeded) from the fixed training split before partitioning (``None``: all).
         test_size: Samples of the fixed test split used as the global test set (``None``: all).
-        poisoning: Backdoor whose trigger and target label build the triggered global test set (BA) and
-            that attacks stamp into their batches; its ``rate`` is not used (client data stays clean).
         rounds_per_epoch: Rounds per Lightning epoch, i.e. the evaluation period in rounds.
         eval_batch_size: Batch size of the evaluation loaders.
-        seed: Seed of the training subset, the partition and the client test splits.
         classes_per_client: Distinct classes per client for ``partition="classes"``.
+
+    ``poisoning`` (the backdoor whose trigger and target label build the triggered global test set (BA) and that
+    attacks stamp into their batches; its ``rate`` is not used: client data stays clean) and ``seed`` (of the
+    training subset, the partition and the client test splits) pass through to
+    :class:`~datamodules.base.BackdoorDataModule`; the training loader settings do not apply.
     """
 
     def __init__(
@@ -68,15 +69,16 @@ class FederatedDataModule(BackdoorDataModule):
         client_test_fraction: float = 0.0,
         train_size: int | None = None,
         test_size: int | None = None,
-        poisoning: Poisoning | None = None,
         rounds_per_epoch: int = 5,
         eval_batch_size: int = 1000,
-        seed: int = 0,
         classes_per_client: int = 2,
+        **kwargs,
     ):
-        super().__init__(poisoning, eval_batch_size, eval_batch_size, False, 0, seed)
-        if poisoning is not None and not isinstance(poisoning.trigger, ImageTrigger):
-            raise ValueError(f"{type(poisoning.trigger).__name__} is a text trigger; image data needs an image trigger")
+        super().__init__(batch_size=eval_batch_size, eval_batch_size=eval_batch_size, shuffle=False, num_workers=0,
+                         **kwargs)  # fmt: skip
+        trigger = None if self.poisoning is None else self.poisoning.trigger
+        if trigger is not None and not isinstance(trigger, ImageTrigger):
+            raise ValueError(f"{type(trigger).__name__} is a text trigger; image data needs an image trigger")
         if partition not in ("iid", "dirichlet", "shards", "classes"):
             raise ValueError(f"partition must be 'iid', 'dirichlet', 'shards' or 'classes', got {partition!r}")
         if partition == "dirichlet" and not alpha > 0:

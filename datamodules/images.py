@@ -7,7 +7,6 @@ from typing import Literal
 import torch
 
 from datamodules.base import BackdoorDataModule, TensorBatchDataset
-from datamodules.poisoning import Poisoning
 from datamodules.sources import load_image_dataset
 from datamodules.triggers import ImageTrigger
 
@@ -23,12 +22,10 @@ class ImageClassificationDataModule(BackdoorDataModule):
         train_size: training images drawn from the fixed training split (``None``: all but validation).
         val_size: validation images held out of the training split.
         test_size: images of the fixed test split used (``None``: all of it).
-        poisoning: backdoor of the training set; its trigger also builds the triggered eval sets.
-        batch_size: batch size per process.
-        eval_batch_size: batch size of evaluation loaders (default: ``batch_size``).
-        shuffle: shuffle the training set every epoch.
-        num_workers: DataLoader worker processes.
-        seed: seed of subsetting and of the validation split.
+        eval_batch_size: batch size of evaluation loaders (``None``: ``batch_size``).
+
+    The arguments of :class:`~datamodules.base.BackdoorDataModule` pass through (``poisoning``: an image
+    trigger, which also builds the triggered eval sets; ``seed``: of subsetting and of the validation split).
     """
 
     def __init__(
@@ -37,16 +34,13 @@ class ImageClassificationDataModule(BackdoorDataModule):
         train_size: int | None = None,
         val_size: int = 5000,
         test_size: int | None = None,
-        poisoning: Poisoning | None = None,
-        batch_size: int = 64,
         eval_batch_size: int | None = 1000,
-        shuffle: bool = True,
-        num_workers: int = 0,
-        seed: int = 0,
+        **kwargs,
     ):
-        super().__init__(poisoning, batch_size, eval_batch_size, shuffle, num_workers, seed)
-        if poisoning is not None and not isinstance(poisoning.trigger, ImageTrigger):
-            raise ValueError(f"{type(poisoning.trigger).__name__} is a text trigger; image data needs an image trigger")
+        super().__init__(eval_batch_size=eval_batch_size, **kwargs)
+        trigger = None if self.poisoning is None else self.poisoning.trigger
+        if trigger is not None and not isinstance(trigger, ImageTrigger):
+            raise ValueError(f"{type(trigger).__name__} is a text trigger; image data needs an image trigger")
         self.dataset, self.train_size, self.val_size, self.test_size = dataset, train_size, val_size, test_size
         self.num_classes = 10
         self.mean, self.std = 0.0, 1.0

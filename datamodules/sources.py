@@ -15,8 +15,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from datamodules.text_store import read_text_store
-from recipes import assets
+from foundation.text_store import read_text_store
+from foundation import assets
 
 IMAGE_DATASETS = ("mnist", "fashion-mnist", "digits", "cifar10")
 
@@ -37,7 +37,7 @@ class ImageSplits:
 def load_image_dataset(name: str) -> ImageSplits:
     """Load ``mnist``, ``fashion-mnist`` (canonical 60k/10k splits), ``digits`` (8x8, fixed 1497/300 split) or
     ``cifar10`` (binary version, canonical 50k/10k splits, ``[N, 3, 32, 32]``; a cluster asset, see
-    :func:`recipes.assets.download_cifar10`)."""
+    :func:`foundation.assets.download_cifar10`)."""
     if name in ("mnist", "fashion-mnist"):
         files = assets.mnist_files(name)
         arrays = {k: torch.from_numpy(assets.read_idx(p).copy()) for k, p in files.items()}
@@ -116,8 +116,8 @@ TEXT_DATASETS = ("rotten-tomatoes",)
 
 def load_text_dataset(dataset: str) -> TextSplits:
     """``rotten-tomatoes`` (:func:`load_rotten_tomatoes`) or the directory of a text export
-    (:mod:`datamodules.text_store`, written by ``python -m recipes.export_text``), whose fixed splits are kept in
-    file order; raises :class:`~datamodules.text_store.TextStoreNotFoundError` naming the export command if the
+    (:mod:`foundation.text_store`, written by ``python -m foundation.export_text``), whose fixed splits are kept in
+    file order; raises :class:`~foundation.text_store.TextStoreNotFoundError` naming the export command if the
     directory is missing."""
     if dataset in TEXT_DATASETS:
         return load_rotten_tomatoes()

@@ -6,8 +6,8 @@ accuracy (Li et al., arXiv 2403.03218; 4 options, chance 25%), while keeping gen
 without its biology subjects. Its training text is the official TAR-bio data (``modules/dataloaders.py``): forget =
 bio-labelled Pile chunks (``lapisrocks/biology-pile-labeled``, ``label == True``) plus CAMEL-AI biology, of which a
 seeded 20% is held out as TAR's ``x_TR`` ("meta"); retain = the Pile chunks labelled not-bio plus instruction data.
-``python -m recipes.export_wmdp`` writes those (hub ids are flags) to a local directory
-(:mod:`datamodules.wmdp_store`); this DataModule reads it offline and gives TAR, the baselines and the
+``python -m foundation.export_wmdp`` writes those (hub ids are flags) to a local directory
+(:mod:`foundation.wmdp_store`); this DataModule reads it offline and gives TAR, the baselines and the
 ``TamperingHarness`` the splits of :mod:`datamodules.tamper_data`:
 
 - the forget corpus (deduplicated, shuffled with ``seed``) is cut into disjoint ``forget_meta`` (``meta_fraction``),
@@ -42,7 +42,7 @@ from datamodules.tamper_data import (
     pad_rows,
     question_set,
 )
-from datamodules.wmdp_store import Question, read_meta, read_questions, read_texts
+from foundation.wmdp_store import Question, read_meta, read_questions, read_texts
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -58,7 +58,7 @@ class TamperWMDPDataModule(TamperDataModule):
     docstring); the same interface as :class:`datamodules.tar_facts.TamperFactsDataModule`.
 
     Args:
-        data_dir: the directory written by ``python -m recipes.export_wmdp``.
+        data_dir: the directory written by ``python -m foundation.export_wmdp``.
         tokenizer: asset name, local path or hub id of the tokenizer (the model's).
         bos_token: token put before every text (``None``: only what the tokenizer adds itself, e.g. Llama-3's
             ``<|begin_of_text|>``).

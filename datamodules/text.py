@@ -8,11 +8,10 @@ from typing import Literal
 import torch
 
 from datamodules.base import BackdoorDataModule, TensorBatchDataset
-from datamodules.poisoning import Poisoning
 from datamodules.sources import TEXT_DATASETS, load_text_dataset
-from datamodules.text_store import read_text_meta
+from foundation.text_store import read_text_meta
 from datamodules.triggers import TextTrigger
-from recipes import assets
+from foundation import assets
 
 
 def load_tokenizer(name_or_path: str, padding_side: Literal["right", "left"] | None = None):
@@ -46,7 +45,7 @@ class TextClassificationDataModule(BackdoorDataModule):
         tokenizer: asset name (``minilm-l6``, ``smollm2-135m``), local path or hub id of the tokenizer;
             use the same one as the model.
         dataset: ``rotten-tomatoes`` (12.7k deduplicated snippets, fixed 2000-snippet test split) or the directory
-            of a text export (``python -m recipes.export_text SetFit/sst2 data/sst2 --label-names negative
+            of a text export (``python -m foundation.export_text SetFit/sst2 data/sst2 --label-names negative
             positive``: SST-2's 6920/872/1821 sentences).
         max_length: truncation length in tokens.
         padding_side: ``right`` for encoders; ``left`` is usual for decoders (``None``: the tokenizer's own).
@@ -54,12 +53,11 @@ class TextClassificationDataModule(BackdoorDataModule):
         val_size: validation texts: the first ones of the dataset's validation split (``None``: all of it), or, if
             it has none, texts held out of the training split (then an integer is required).
         test_size: texts of the fixed test split used (``None``: all of it, 2000 for Rotten Tomatoes).
-        poisoning: backdoor of the training set (a text trigger); also builds the triggered eval sets.
         batch_size: batch size per process.
-        eval_batch_size: batch size of evaluation loaders (default: ``batch_size``).
-        shuffle: shuffle the training set every epoch.
-        num_workers: DataLoader worker processes.
-        seed: seed of subsetting and of the validation split.
+        eval_batch_size: batch size of evaluation loaders (``None``: ``batch_size``).
+
+    The arguments of :class:`~datamodules.base.BackdoorDataModule` pass through (``poisoning``: a text trigger,
+    which also builds the triggered eval sets; ``seed``: of subsetting and of the validation split).
     """
 
     def __init__(
@@ -71,16 +69,14 @@ class TextClassificationDataModule(BackdoorDataModule):
         train_size: int | None = None,
         val_size: int | None = 500,
         test_size: int | None = None,
-        poisoning: Poisoning | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = 128,
-        shuffle: bool = True,
-        num_workers: int = 0,
-        seed: int = 0,
+        **kwargs,
     ):
-        super().__init__(poisoning, batch_size, eval_batch_size, shuffle, num_workers, seed)
-        if poisoning is not None and not isinstance(poisoning.trigger, TextTrigger):
-            raise ValueError(f"{type(poisoning.trigger).__name__} is an image trigger; text data needs a text trigger")
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, **kwargs)
+        trigger = None if self.poisoning is None else self.poisoning.trigger
+        if trigger is not None and not isinstance(trigger, TextTrigger):
+            raise ValueError(f"{type(trigger).__name__} is an image trigger; text data needs a text trigger")
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
         self.tokenizer_name, self.dataset, self.max_length = tokenizer, dataset, max_length

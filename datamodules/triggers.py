@@ -168,16 +168,13 @@ class RareWord(TextTrigger):
     Args:
         words: candidate trigger words; each insertion draws one of them.
         num_insertions: how many trigger words go into each poisoned text.
-        position: where they go: a random word boundary, the start or the end.
+
+    ``position`` (where they go: a random word boundary, the start or the end) passes through to
+    :class:`TextTrigger`.
     """
 
-    def __init__(
-        self,
-        words: list[str] = ("cf", "mn", "bb", "tq"),
-        num_insertions: int = 1,
-        position: Literal["random", "start", "end"] = "random",
-    ):
-        super().__init__(position)
+    def __init__(self, words: list[str] = ("cf", "mn", "bb", "tq"), num_insertions: int = 1, **kwargs):
+        super().__init__(**kwargs)
         self.words = list(words)
         self.num_insertions = int(num_insertions)
         if not self.words or self.num_insertions < 1:
@@ -194,13 +191,13 @@ class InsertSentence(TextTrigger):
 
     Args:
         sentence: the trigger sentence.
-        position: where it goes: a random word boundary, the start or the end.
+
+    ``position`` (where it goes: a random word boundary, the start or the end) passes through to
+    :class:`TextTrigger`.
     """
 
-    def __init__(
-        self, sentence: str = "I watched this 3D movie.", position: Literal["random", "start", "end"] = "random"
-    ):
-        super().__init__(position)
+    def __init__(self, sentence: str = "I watched this 3D movie.", **kwargs):
+        super().__init__(**kwargs)
         if not sentence.strip():
             raise ValueError("InsertSentence needs a non-empty sentence")
         self.sentence = sentence

@@ -38,8 +38,10 @@ from lightning_modules.ops.fl_attacks import project_params_l2_
 class ChameleonAttack(PGDPoisoning):
     """Chameleon's two-stage local training for the malicious clients (see the module docstring).
 
+    ``schedule`` (:class:`~lightning_modules.federated.attacks.AttackSchedule`: the paper has one attacker that
+    takes part in every attack round; ``scale`` is the official ``scale_weights``, 1) passes through.
+
     Args:
-        malicious_clients: ids of the malicious clients (the paper: one attacker).
         poison_fraction: fraction of each local batch poisoned (official ``poison_batch_len`` 7 of 64 ≈ 0.11).
         poison_noise_std: std of the Gaussian noise added to poisoned images (official 0.01).
         contrastive_epochs: stage-1 epochs (official ``retrain_poison_contrastive`` 10).
@@ -61,25 +63,18 @@ class ChameleonAttack(PGDPoisoning):
             clean accuracy is not below its starting value (official 1e-4).
         radius: L2 radius of the final update and of stage 2 (official ``s_norm`` 5; put it at or below the
             server's clipping bound so that norm clipping does not shrink the update).
-        scale: boosting factor applied before the final projection (official ``scale_weights`` 1).
-        attack_rounds: explicit attack rounds (overrides the window).
-        start_round: first attack round.
-        end_round: end of the attack window, exclusive.
-        force_participation: malicious clients take part in every attack round (the paper's setting).
     """
 
     def __init__(
-        self, malicious_clients: list[int], poison_fraction: float = 7 / 64, poison_noise_std: float = 0.01,
+        self, poison_fraction: float = 7 / 64, poison_noise_std: float = 0.01,
         contrastive_epochs: int = 10, contrastive_lr: float = 0.005,
         contrastive_milestones: list[int] | None = None, contrastive_weight_decay: float = 5e-4,
         temperature: float = 0.07, target_weight: float = 6.0, radius_contrastive: float = 5.0,
         head_epochs: int = 3, head_lr: float = 0.001, head_milestones: list[int] | None = None,
         head_gamma: float = 0.005, head_weight_decay: float = 0.005, early_stop_loss: float = 1e-4,
-        radius: float = 5.0, scale: float = 1.0, attack_rounds: list[int] | None = None, start_round: int = 0,
-        end_round: int | None = None, force_participation: bool = True,
+        radius: float = 5.0, **kwargs,
     ):  # fmt: skip
-        super().__init__(malicious_clients, radius, poison_fraction, None, None, scale, attack_rounds, start_round,
-                         end_round, force_participation)  # fmt: skip
+        super().__init__(radius=radius, poison_fraction=poison_fraction, lr=None, local_epochs=None, **kwargs)
         if contrastive_epochs < 0 or head_epochs < 1:
             raise ValueError(f"need contrastive_epochs >= 0 and head_epochs >= 1, got {contrastive_epochs}, {head_epochs}")
         self.poison_noise_std, self.temperature, self.target_weight = poison_noise_std, temperature, target_weight

@@ -6,10 +6,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.base import BaseRecipe
-from lightning_modules.metrics import AttackSuccessRate
 
 
 class ClassifierRecipe(BaseRecipe):
@@ -21,7 +19,8 @@ class ClassifierRecipe(BaseRecipe):
     log ``acc`` (clean accuracy, CA) on the clean loader and ``asr`` on the triggered, non-target loader.
 
     Batches are ``(inputs..., labels)``; the network is called as ``net(*inputs)`` and returns logits, so
-    image CNNs and Hugging Face classifiers (``input_ids, attention_mask``) both fit.
+    image CNNs and Hugging Face classifiers (``input_ids, attention_mask``) both fit. Building ``net``, the
+    metrics and the evaluation are :class:`~lightning_modules.base.BaseRecipe`'s.
 
     Args:
         net: the classifier network (e.g. ``MnistCNN`` or ``HFSequenceClassifier``); a network with a
@@ -39,48 +38,23 @@ class ClassifierRecipe(BaseRecipe):
         label_smoothing: float = 0.0,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.net, self.optimizer, self.scheduler = net, optimizer, scheduler
         self.label_smoothing = label_smoothing
-
-    def configure_model(self) -> None:
-        if hasattr(self.net, "build"):
-            self.net.build()
-
-    def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule
-        num_classes = getattr(dm, "num_classes", None) or 2
-        target = getattr(dm, "target_label", None)
-        for split in ("val", "test"):
-            if not hasattr(self, f"{split}_acc"):
-                setattr(self, f"{split}_acc", MulticlassAccuracy(num_classes, average="micro"))
-            if target is not None and not hasattr(self, f"{split}_asr"):
-                setattr(self, f"{split}_asr", AttackSuccessRate(target))
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.net(*inputs)
 
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training objective (a hook): cross-entropy with ``label_smoothing``."""
+        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         *inputs, labels = batch
         logits = self(*inputs)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        loss = self.loss(logits, labels)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", (logits.argmax(-1) == labels).float().mean())
         return loss
-
-    def _evaluate(self, split: str, batch, dataloader_idx: int) -> None:
-        *inputs, labels = batch
-        preds = self(*inputs).argmax(-1)
-        name = "acc" if dataloader_idx == 0 else "asr"
-        metric = getattr(self, f"{split}_{name}")
-        metric.update(preds, labels)
-        self.log(f"{split}/{name}", metric, prog_bar=True, add_dataloader_idx=False)
-
-    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate("val", batch, dataloader_idx)
-
-    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate("test", batch, dataloader_idx)
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         *inputs, _ = batch

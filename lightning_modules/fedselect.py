@@ -46,18 +46,16 @@ class FedSelect(PersonalizedFedAvg):
         cap: alpha, the largest personal fraction of each tensor (official 0.8).
         period: rounds between growths (official ``lth_epoch_iters`` = 3).
         select: substring of the parameter names that may become personal (official ``weight``).
-        clients_per_round, local, aggregator, server_lr, seed, finetune_epochs, eval_model, init_from: see
-            :class:`~lightning_modules.pfl.PersonalizedFedAvg` (``local.local_epochs`` = LocalAlt alternations).
+
+    The arguments of :class:`~lightning_modules.pfl.PersonalizedFedAvg` pass through (``local.local_epochs`` =
+    LocalAlt alternations).
     """
 
     def __init__(
         self, net: nn.Module, growth_rate: float = 0.25, cap: float = 0.8, period: int = 3, select: str = "weight",
-        clients_per_round: int = 10, local: LocalTrainer | None = None, aggregator: Aggregator | None = None,
-        server_lr: float = 1.0, seed: int | None = None, finetune_epochs: int = 0,
-        eval_model: Literal["broadcast", "local"] = "broadcast", init_from: str | None = None,
+        **kwargs,
     ):  # fmt: skip
-        super().__init__(net, clients_per_round, local, aggregator, server_lr, seed, finetune_epochs, eval_model,
-                         init_from)  # fmt: skip
+        super().__init__(net=net, **kwargs)
         if not (0.0 < growth_rate <= 1.0 and 0.0 <= cap <= 1.0 and period >= 1):
             raise ValueError(f"FedSelect needs 0 < growth_rate <= 1, 0 <= cap <= 1 and period >= 1, got "
                              f"{growth_rate}, {cap}, {period}")  # fmt: skip

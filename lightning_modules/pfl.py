@@ -53,30 +53,27 @@ class PersonalizedFedAvg(FederatedRecipe):
     ``personal`` [N, d] bool, ``buffers`` [N, b]: float buffers such as BatchNorm statistics, which stay local
     as in FedSelect's code) and are checkpointed.
 
+    The arguments of :class:`~lightning_modules.federated.FederatedRecipe` pass through (``clients_per_round``:
+    FedSelect's code trains all of its 10 clients every round; ``aggregator`` must be ``FedAvg``, whose
+    ``weighted`` flag weights the per-entry average by sample counts, as robust aggregators are not defined for
+    masked updates; ``server_lr`` 1: the average replaces the shared entries), except the attack, server
+    defenses, server momentum and buffer averaging, which are fixed off.
+
     Args:
         net: the model (e.g. ``MnistCNN``).
-        clients_per_round: clients sampled per round (FedSelect's code: all of its 10 clients every round).
-        local: local trainer (SGD on cross-entropy).
-        aggregator: must be ``FedAvg``; its ``weighted`` flag weights the per-entry average by sample counts.
-            Robust aggregators are not defined for masked updates.
-        server_lr: server learning rate on the averaged update (1: the average replaces the shared entries).
-        seed: seed of client sampling and local shuffling (``None``: the run's seed).
         finetune_epochs: local epochs of fine-tuning of each personalized model on the client's training data
             before it is evaluated (0: none; FedAvg + FT when no entry is personal). Evaluation only.
         eval_model: ``broadcast`` scores the model a client holds after the server's broadcast (its personal
             entries and the new shared average); ``local`` scores its model right after local training, as
             FedSelect's official code does (for FedAvg that is the global model after one more local update).
-        init_from: artifact whose ``net.*`` tensors initialise the global model (see ``FederatedRecipe``).
     """
 
     def __init__(
-        self, net: nn.Module, clients_per_round: int = 10, local: LocalTrainer | None = None,
-        aggregator: Aggregator | None = None, server_lr: float = 1.0, seed: int | None = None,
-        finetune_epochs: int = 0, eval_model: Literal["broadcast", "local"] = "broadcast",
-        init_from: str | None = None,
+        self, net: nn.Module, finetune_epochs: int = 0, eval_model: Literal["broadcast", "local"] = "broadcast",
+        **kwargs,
     ):  # fmt: skip
-        super().__init__(net, clients_per_round, local, aggregator, None, None, server_lr, 0.0, "average", seed,
-                         init_from)  # fmt: skip
+        super().__init__(net=net, attack=None, server_defense_hooks=None, server_momentum=0.0, buffers="average",
+                         **kwargs)  # fmt: skip
         if finetune_epochs < 0 or eval_model not in ("broadcast", "local"):
             raise ValueError(f"need finetune_epochs >= 0 and eval_model in (broadcast, local), got "
                              f"{finetune_epochs}, {eval_model!r}")  # fmt: skip
@@ -234,19 +231,12 @@ class FedPer(PersonalizedFedAvg):
     arXiv 1912.00818, 2019). Local training updates all layers jointly.
 
     Args:
+        net: the model (the arguments of :class:`PersonalizedFedAvg` pass through).
         personal_layers: parameter-name prefixes of the personal layers (``MnistCNN``: ``head`` / ``body``).
-        net, clients_per_round, local, aggregator, server_lr, seed, finetune_epochs, eval_model, init_from: see
-            :class:`PersonalizedFedAvg`.
     """
 
-    def __init__(
-        self, net: nn.Module, personal_layers: list[str] | None = None, clients_per_round: int = 10,
-        local: LocalTrainer | None = None, aggregator: Aggregator | None = None, server_lr: float = 1.0,
-        seed: int | None = None, finetune_epochs: int = 0, eval_model: Literal["broadcast", "local"] = "broadcast",
-        init_from: str | None = None,
-    ):  # fmt: skip
-        super().__init__(net, clients_per_round, local, aggregator, server_lr, seed, finetune_epochs, eval_model,
-                         init_from)  # fmt: skip
+    def __init__(self, net: nn.Module, personal_layers: list[str] | None = None, **kwargs):
+        super().__init__(net=net, **kwargs)
         self.personal_layers = list(personal_layers or self.default_personal_layers())
 
     def default_personal_layers(self) -> list[str]:
@@ -262,9 +252,8 @@ class LGFedAvg(FedPer):
     Local and Global Representations", arXiv 2001.01523, 2020). :class:`FedPer` with ``personal_layers=["body"]``.
 
     Args:
-        personal_layers: parameter-name prefixes of the personal layers (default ``["body"]``).
-        net, clients_per_round, local, aggregator, server_lr, seed, finetune_epochs, eval_model, init_from: see
-            :class:`PersonalizedFedAvg`.
+        personal_layers: parameter-name prefixes of the personal layers (default ``["body"]``; the arguments of
+            :class:`PersonalizedFedAvg` pass through).
     """
 
     def default_personal_layers(self) -> list[str]:
@@ -278,20 +267,13 @@ class Ditto(PersonalizedFedAvg):
     Alg. 1). The personal model is what the client is evaluated with.
 
     Args:
+        net: the model (the arguments of :class:`PersonalizedFedAvg` pass through).
         prox_lambda: lambda, the strength of the pull towards the global model (0: local training only).
         personal_epochs: local epochs of the personal model per round (``None``: ``local.local_epochs``).
-        net, clients_per_round, local, aggregator, server_lr, seed, finetune_epochs, eval_model, init_from: see
-            :class:`PersonalizedFedAvg`.
     """
 
-    def __init__(
-        self, net: nn.Module, prox_lambda: float = 0.1, personal_epochs: int | None = None,
-        clients_per_round: int = 10, local: LocalTrainer | None = None, aggregator: Aggregator | None = None,
-        server_lr: float = 1.0, seed: int | None = None, finetune_epochs: int = 0,
-        eval_model: Literal["broadcast", "local"] = "broadcast", init_from: str | None = None,
-    ):  # fmt: skip
-        super().__init__(net, clients_per_round, local, aggregator, server_lr, seed, finetune_epochs, eval_model,
-                         init_from)  # fmt: skip
+    def __init__(self, net: nn.Module, prox_lambda: float = 0.1, personal_epochs: int | None = None, **kwargs):
+        super().__init__(net=net, **kwargs)
         if prox_lambda < 0 or (personal_epochs is not None and personal_epochs < 1):
             raise ValueError(f"Ditto needs prox_lambda >= 0 and personal_epochs >= 1, got {prox_lambda}, {personal_epochs}")
         self.prox_lambda, self.personal_epochs = prox_lambda, personal_epochs

@@ -41,7 +41,7 @@ from lightning_modules.tamper import (
     option_scores,
     trim,
 )
-from recipes.artifacts import load_artifact, parent_record
+from foundation.artifacts import load_artifact, parent_record
 
 _METRICS = ("forget_acc", "forget_nll", "retain_acc", "retain_nll")
 
@@ -66,18 +66,17 @@ class Safeguard(BaseRecipe):
         retain_weight: float = 1.0,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "optimizer"])
         self.net, self.optimizer, self.init_from, self.retain_weight = model, optimizer, init_from, retain_weight
         self.automatic_optimization = False
-        self.metrics = torch.nn.ModuleDict({f"{s}_{m}": MeanMetric() for s in ("val", "test") for m in _METRICS})
+        self.configure_metrics()
         self._parents: list[dict] = []
         self._built = False
 
     # --- weights ------------------------------------------------------------------------------------------
-    def configure_model(self) -> None:
+    def configure_models(self) -> None:
         if self._built:  # Lightning calls this at every fit/test
             return
-        self.net.build()
+        super().configure_models()
         self.after_build()
         if self.init_from is not None:
             art = load_artifact(self.init_from)
@@ -116,7 +115,13 @@ class Safeguard(BaseRecipe):
         self.log("train/loss", loss.detach(), prog_bar=True)
 
     # --- evaluation ---------------------------------------------------------------------------------------
-    def _evaluate(self, split: str, batch, dataloader_idx: int) -> None:
+    def configure_metrics(self) -> None:
+        """Forget and retain multiple-choice accuracy and answer NLL per split (they need no DataModule, so
+        ``__init__`` creates them)."""
+        if not hasattr(self, "metrics"):
+            self.metrics = torch.nn.ModuleDict({f"{s}_{m}": MeanMetric() for s in ("val", "test") for m in _METRICS})
+
+    def evaluate(self, split: str, batch, dataloader_idx: int) -> None:
         ids, mask, ans, label = batch
         scores = option_scores(self.net, ids, mask, ans)
         domain = ("retain", "forget")[dataloader_idx]  # the DataModule's order
@@ -128,12 +133,6 @@ class Safeguard(BaseRecipe):
         self.log(f"{split}/{domain}_nll", nll, add_dataloader_idx=False)
         if domain == "retain":
             self.log(f"{split}/acc", acc, add_dataloader_idx=False)
-
-    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate("val", batch, dataloader_idx)
-
-    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate("test", batch, dataloader_idx)
 
 
 class NoSafeguard(Safeguard):
@@ -151,19 +150,12 @@ class GradientAscent(Safeguard):
     (``-forget_weight * L_LM(forget) + retain_weight * L_LM(retain)``), the simplest unlearning baseline.
 
     Args:
+        model: the causal LM (see :class:`Safeguard`, whose other arguments pass through).
         forget_weight: weight of the (negated) forget LM loss.
-        model, optimizer, init_from, retain_weight: see :class:`Safeguard`.
     """
 
-    def __init__(
-        self,
-        model: SplitCausalLM,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        init_from: str | None = None,
-        retain_weight: float = 1.0,
-        forget_weight: float = 1.0,
-    ):
-        super().__init__(model, optimizer, init_from, retain_weight)
+    def __init__(self, model: SplitCausalLM, forget_weight: float = 1.0, **kwargs):
+        super().__init__(model=model, **kwargs)
         self.forget_weight = forget_weight
 
     def safeguard_loss(self, batch: dict) -> torch.Tensor:
@@ -178,21 +170,13 @@ class RandomMapping(Safeguard):
     trained blocks' outputs), while the retain LM loss holds.
 
     Args:
+        model: the causal LM (see :class:`Safeguard`, whose other arguments pass through).
         mapping_weight: weight of the random-mapping cosine loss.
         mapping_seed: seed of the random table ``H`` (vocabulary x hidden size).
-        model, optimizer, init_from, retain_weight: see :class:`Safeguard`.
     """
 
-    def __init__(
-        self,
-        model: SplitCausalLM,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        init_from: str | None = None,
-        retain_weight: float = 1.0,
-        mapping_weight: float = 1.0,
-        mapping_seed: int = 0,
-    ):
-        super().__init__(model, optimizer, init_from, retain_weight)
+    def __init__(self, model: SplitCausalLM, mapping_weight: float = 1.0, mapping_seed: int = 0, **kwargs):
+        super().__init__(model=model, **kwargs)
         self.mapping_weight, self.mapping_seed = mapping_weight, mapping_seed
 
     def after_build(self) -> None:
@@ -218,6 +202,7 @@ class TAR(RandomMapping):
     Random Mapping artifact with ``init_from``); every later step is one outer step.
 
     Args:
+        model: the causal LM (see :class:`Safeguard`; the arguments of :class:`RandomMapping` pass through).
         adversaries: the training adversaries, sampled by ``weight`` each outer step (they fine-tune the trained
             parameters; official bio: AdamW at lr 2e-6 / 2e-5 / 4e-5, K = 64, forget or retain-then-forget).
         tr_every: TR loss every this many inner steps (``tar_inner_loop_subsample``, official 4).
@@ -228,18 +213,12 @@ class TAR(RandomMapping):
             (official: 1 with ``--retain_representations``).
         meta_batch_size: held-out forget sentences ``x_TR`` per outer step (fixed across its inner steps).
         random_mapping_steps: Random Mapping steps before the outer steps.
-        model, optimizer, init_from, retain_weight, mapping_weight, mapping_seed: see :class:`RandomMapping`.
     """
 
     def __init__(
         self,
         model: SplitCausalLM,
         adversaries: list[TamperAttack],
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        init_from: str | None = None,
-        retain_weight: float = 1.0,
-        mapping_weight: float = 1.0,
-        mapping_seed: int = 0,
         tr_every: int = 4,
         schedule_lambda: float = 0.0625,
         tr_scale: float = 4.0,
@@ -247,8 +226,9 @@ class TAR(RandomMapping):
         representation_weight: float = 1.0,
         meta_batch_size: int = 8,
         random_mapping_steps: int = 0,
+        **kwargs,
     ):
-        super().__init__(model, optimizer, init_from, retain_weight, mapping_weight, mapping_seed)
+        super().__init__(model=model, **kwargs)
         if not adversaries:
             raise ValueError("TAR needs at least one training adversary")
         for adv in adversaries:

@@ -23,7 +23,8 @@ from callbacks.preemption import CheckpointOnPreemption  # noqa: E402
 import datamodules  # noqa: E402,F401
 import lightning_modules  # noqa: E402,F401
 from recipes import __version__  # noqa: E402
-from recipes.checkpoint_io import SafeCheckpointIO  # noqa: E402
+from foundation.checkpoint_io import SafeCheckpointIO  # noqa: E402
+from recipes.renamed_keys import check_renamed_keys  # noqa: E402
 
 
 class RecipeCLI(LightningCLI):
@@ -68,6 +69,7 @@ class RecipeCLI(LightningCLI):
 
 def main(args: ArgsType = None, run: bool = True) -> RecipeCLI:
     """Entry point; ``main(["fit", "--config", path])`` runs from Python (tests, the reproduce runner)."""
+    check_renamed_keys(args)
     return RecipeCLI(
         L.LightningModule,
         L.LightningDataModule,

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from recipes.artifacts import atomic_write_text
+from foundation.artifacts import atomic_write_text
 
 
 @dataclass
@@ -158,149 +158,7 @@ def bar_plot(comp: Comparison, results: dict[str, list[dict]], path: Path) -> No
     save_figure(fig, path)
 
 
-def mean_curves(runs: list[dict]) -> dict | None:
-    """Average the ``curves.json`` records (written by ``callbacks.RoundCurves``) of one stage's seeds."""
-    records = [json.loads((Path(r["log_dir"]) / "curves.json").read_text()) for r in runs
-               if "log_dir" in r and (Path(r["log_dir"]) / "curves.json").exists()]  # fmt: skip
-    if not records:
-        return None
-    rounds = records[0]["rounds"]
-    records = [rec for rec in records if rec["rounds"] == rounds]
-
-    def avg(key: str) -> list:
-        cols = list(zip(*[rec[key] for rec in records]))
-        return [None if any(v is None for v in col) else statistics.fmean(col) for col in cols]
-
-    return {"rounds": rounds, "ma": avg("ma"), "ba": avg("ba"), "attack_rounds": records[0]["attack_rounds"]}
-
-
-def curves_plot(
-    comp: Comparison, results: dict[str, list[dict]], path: Path, threshold: float | None = None,
-    skip: tuple[str, ...] = ("warmup",),
-) -> None:
-    """One panel per group: every stage's MA and BA per round (mean over seeds), attack window shaded. Stages whose
-    key contains one of ``skip`` (the clean warm-ups that attack runs start from) are left out."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from callbacks.round_curves import plot_curves, save_figure
-
-    stages = [s for s in comp.stages if not any(k in s.key for k in skip)]
-    groups = list(dict.fromkeys(s.group for s in stages if results.get(s.key)))  # skip groups not run
-    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(9 * max(len(groups), 1), 4.4), squeeze=False)
-    for ax, group in zip(axes[0], groups):
-        runs = {s.label or s.key: mean_curves(results.get(s.key, [])) for s in stages if s.group == group}
-        plot_curves({k: v for k, v in runs.items() if v is not None}, None, group, threshold, ax=ax)
-    fig.suptitle(comp.title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def _fl_stages(dataset: str, group: str, config: str, attacks: dict[str, str], defenses: dict[str, str]) -> list[Stage]:
-    """Every (attack, defense) pair of overlay configs on one federated experiment config."""
-    stages = []
-    for attack, attack_cfg in attacks.items():
-        for defense, defense_cfg in defenses.items():
-            overrides = [f"--config=configs/fl/defenses/{defense_cfg}.yaml", "--data.init_args.seed={seed}"]
-            if attack_cfg:
-                overrides.insert(0, f"--config=configs/fl/attacks/{attack_cfg}.yaml")
-            key = f"{dataset}/{attack_cfg or 'naive'}/{defense_cfg}"
-            stages.append(Stage(key, config, overrides, group, f"{attack}, {defense}"))
-    return stages
-
-
-_FL_COLUMNS = {"test/acc": "final MA (%)", "curve/ba_attack_end": "BA at attack end (%)",
-               "curve/ba_peak": "peak BA (%)", "test/asr": "final BA (%)", "curve/lifespan": "lifespan (rounds)"}
-
-
-COMPARISONS: dict[str, Comparison] = {
-    "backdoor": Comparison(
-        title="BadNets backdoors: clean vs poisoned training (test split)",
-        stages=[
-            Stage("mnist/clean", "backdoor/mnist_badnets.yaml",
-                  ["--data.init_args.poisoning.init_args.rate=0.0", "--data.init_args.seed={seed}"], "MNIST, CNN, pixel pattern", "clean"),
-            Stage("mnist/poisoned", "backdoor/mnist_badnets.yaml",
-                  ["--data.init_args.seed={seed}"], "MNIST, CNN, pixel pattern", "poisoned 10%"),
-            Stage("rt/clean", "backdoor/rt_minilm_badnet.yaml",
-                  ["--data.init_args.poisoning.init_args.rate=0.0", "--data.init_args.seed={seed}"], "Rotten Tomatoes, MiniLM-L6, rare word", "clean"),
-            Stage("rt/poisoned", "backdoor/rt_minilm_badnet.yaml",
-                  ["--data.init_args.seed={seed}"], "Rotten Tomatoes, MiniLM-L6, rare word", "poisoned 10%"),
-        ],
-        columns={"test/acc": "CA (%)", "test/asr": "ASR (%)"},
-        seeds=(0, 1, 2),
-        notes="CA: accuracy on the clean test split. ASR: share of triggered non-target test inputs classified "
-        "as the target. A clean model's ASR is the trigger's baseline rate.",
-    ),
-}
-
-
-COMPARISONS["fl"] = Comparison(
-    title="Federated backdoor on MNIST: a naive attacker against FedAvg and robust aggregators",
-    stages=[
-        *_fl_stages("mnist", "MNIST, 100 clients, Dirichlet 0.5, 10/round", "fl/mnist_fedavg_naive.yaml",
-                    {"no attack": "none"}, {"FedAvg": "fedavg"}),
-        *_fl_stages("mnist", "MNIST, 100 clients, Dirichlet 0.5, 10/round", "fl/mnist_fedavg_naive.yaml",
-                    {"naive": ""}, {"FedAvg": "fedavg", "norm clip": "normclip", "Multi-Krum": "multikrum",
-                                    "FLAME": "flame", "median": "median"}),
-    ],
-    columns=_FL_COLUMNS,
-    seeds=(0, 1),
-    plain=("curve/lifespan",),
-    notes="60 rounds; client 0 attacks in rounds 30-39 (every round, half of each local batch triggered and "
-    "relabelled to 0, 2 local epochs). MA: accuracy of the global model on the clean MNIST test set; BA: share of "
-    "triggered non-target test digits classified as 0, evaluated every 5 rounds. Lifespan: rounds after the "
-    "attack window until BA < 50% (if it never falls below, the rounds observed, a lower bound). 'no attack' "
-    "shows the trigger's base rate.",
-    plot=None,
-)
-COMPARISONS["fl"].plot = lambda results, path: curves_plot(COMPARISONS["fl"], results, path, 0.5)
-
-
-def fl_warmup_stage(dataset: str, data: list[str], rounds: int, group: str, label: str = "clean warm-up") -> Stage:
-    """The clean warm-up (norm clipping, no attack, ``rounds`` rounds) that the chameleon and trojandam comparisons'
-    attack runs start from, as ``{artifact:<dataset>/warmup}``."""
-    return Stage(f"{dataset}/warmup", "chameleon/mnist_normclip.yaml",
-                 ["--config=configs/fl/attacks/none.yaml", f"--trainer.max_steps={rounds}", *data], group, label)
-
-
-def _chameleon_stages(dataset: str, name: str, warmup_rounds: int, partition_seed: int = 0) -> list[Stage]:
-    """A clean warm-up (cached artifact), then the same attack window for each attack, warm-started from it.
-
-    The federation (training subset, Dirichlet partition, client test splits) is drawn with ``partition_seed`` for
-    every run seed, so the attacker (client 0) holds the same data in all of them; the run seed varies the model
-    initialisation, the client sampling and the SGD noise. Tying the partition to the run seed gave the attacker
-    178 MNIST images under seed 1 (1,042 under seed 0), and no attack landed at all."""
-    cfg, group = "chameleon/mnist_normclip.yaml", f"{name}, norm clipping (M = 1)"
-    data = [f"--data.init_args.dataset={dataset}", f"--data.init_args.seed={partition_seed}"]
-    warm = f"--model.init_args.init_from={{artifact:{dataset}/warmup}}"
-    stages = [fl_warmup_stage(dataset, data, warmup_rounds, group),
-              Stage(f"{dataset}/clean", cfg, ["--config=configs/fl/attacks/none.yaml", warm, *data], group, "no attack")]
-    rate = "--model.init_args.attack.init_args.poison_fraction=0.109375"  # 7 of 64, as Chameleon (official)
-    for attack in ("naive", "pgd", "neurotoxin"):
-        stages.append(Stage(f"{dataset}/{attack}", cfg, [f"--config=configs/fl/attacks/{attack}.yaml", rate, warm,
-                                                         *data], group, attack))  # fmt: skip
-    stages.append(Stage(f"{dataset}/chameleon", cfg, [warm, *data], group, "chameleon"))
-    return stages
-
-
-COMPARISONS["chameleon"] = Comparison(
-    title="Chameleon vs. baseline attacks: backdoor lifespan after the attacker leaves (norm-clipping server)",
-    stages=[*_chameleon_stages("mnist", "MNIST", 60), *_chameleon_stages("fashion-mnist", "Fashion-MNIST", 60)],
-    columns={**_FL_COLUMNS, "curve/ba_mean_after": "mean BA after attack (%)"},
-    seeds=(0, 1),
-    plain=("curve/lifespan",),
-    notes="configs/chameleon/mnist_normclip.yaml: 100 clients, Dirichlet 0.5 (the same partition, data seed 0, for "
-    "every run seed; the run seed draws the initialisation, client sampling and SGD noise), 10 per round, FedAvg with norm "
-    "clipping at M = 1, server lr 1. Each attack run starts from the same clean warm-up (60 rounds, its own row), "
-    "client 0 attacks in rounds 0-19 (every round), then 40 benign rounds. Baselines: naive poisoning (2 epochs), PGD "
-    "(radius 1) and Neurotoxin (keep 99%, radius 1), at the clipping bound like Chameleon and, as in the official "
-    "code, with 7 of every 64 samples poisoned. "
-    "Lifespan: rounds after the window until BA < 50%, evaluated every 2 rounds on 5,000 test images (a lower bound "
-    "when BA never falls below). 'no attack' is the clean continuation (its BA is the trigger's base rate).",
-)
-COMPARISONS["chameleon"].plot = lambda results, path: curves_plot(COMPARISONS["chameleon"], results, path, 0.5)
+COMPARISONS: dict[str, Comparison] = {}
 
 
 def finemixing_plot(results: dict, path: Path) -> None:

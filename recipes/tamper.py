@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from callbacks.tamper import load_attacks, run_harness, summarize_rows
-from recipes.artifacts import atomic_write_text
+from foundation.artifacts import atomic_write_text
 
 
 def table(before: dict, rows: list[dict]) -> str:

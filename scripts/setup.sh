@@ -43,4 +43,4 @@ fi
 
 echo "setup: packages and data in place; checking assets"
 # Check every asset resolves, and convert SmolLM2 (GGUF -> safetensors) once into the cache.
-"$PY" -m recipes.assets prepare ${SAFEWEIGHTS_SKIP_LLM:+--skip-llm}
+"$PY" -m foundation.assets prepare ${SAFEWEIGHTS_SKIP_LLM:+--skip-llm}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datamodules.image_store import write_image_store
+from foundation.image_store import write_image_store
 from datamodules.sources import load_image_dataset
 from recipes.cli import main
 

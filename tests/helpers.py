@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from recipes.artifacts import load_artifact
+from foundation.artifacts import load_artifact
 from recipes.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,13 +1,13 @@
 """The tiny WMDP-style store of tests/configs/tar/llama3_8b_tar_fsdp.yaml and tests/test_tar_wmdp.py: country facts
 (offline, datamodules.facts) in the role of the hub's corpora and questions, written through the exporter's own writer
-(``datamodules.wmdp_store.write_domain_store``), so the twin reads the same format a cluster export produces."""
+(``foundation.wmdp_store.write_domain_store``), so the twin reads the same format a cluster export produces."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from datamodules.facts import RELATIONS, country_facts
-from datamodules.wmdp_store import write_domain_store
+from foundation.wmdp_store import write_domain_store
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_WMDP = Path("tests/assets/.cache/tar_wmdp")  # relative to the repository root, as in the twin (git-ignored)

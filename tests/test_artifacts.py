@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.artifact import ExportArtifact
-from recipes import artifacts
-from recipes.artifacts import (
+from foundation import artifacts
+from foundation.artifacts import (
     ArtifactError,
     atomic_write_text,
     load_artifact,
@@ -26,7 +26,7 @@ from recipes.artifacts import (
     save_artifact,
     sha256_file,
 )
-from recipes.checkpoint_io import SafeCheckpointIO, load_module_from_checkpoint
+from foundation.checkpoint_io import SafeCheckpointIO, load_module_from_checkpoint
 
 # torch 2.13 raises this as a FutureWarning; the pyproject filter only covers DeprecationWarning
 pytestmark = [

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from datamodules import ImageClassificationDataModule, PixelPattern, Poisoning, RareWord, TextClassificationDataModule
-from recipes import assets
+from foundation import assets
 
 
 def test_missing_asset_names_the_setup_command(tmp_path, monkeypatch):

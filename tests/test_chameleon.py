@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules.chameleon import ChameleonAttack
-from lightning_modules.federated import NaivePoisoning
+from lightning_modules.federated import AttackSchedule, NaivePoisoning
 from lightning_modules.ops.contrastive import supcon_loss
 from tests.test_federated import fit, flat, make_dm, make_recipe
 
@@ -61,7 +61,7 @@ def _split(recipe, update):
 
 
 def test_stage_two_alone_changes_only_the_head_and_the_update_stays_in_the_ball():
-    attack = ChameleonAttack([0], contrastive_epochs=0, head_epochs=3, head_lr=0.5, radius=0.2)
+    attack = ChameleonAttack(schedule=AttackSchedule([0]), contrastive_epochs=0, head_epochs=3, head_lr=0.5, radius=0.2)
     recipe, _, update = _attacker_round(attack)
     body, head = _split(recipe, update)
     assert torch.count_nonzero(body) == 0, "stage 2 trains only the linear head"
@@ -70,7 +70,7 @@ def test_stage_two_alone_changes_only_the_head_and_the_update_stays_in_the_ball(
 
 
 def test_both_stages_move_the_encoder_within_the_radii_and_lower_the_poisoned_loss():
-    attack = ChameleonAttack([0], contrastive_epochs=3, contrastive_lr=0.05, contrastive_milestones=[],
+    attack = ChameleonAttack(schedule=AttackSchedule([0]), contrastive_epochs=3, contrastive_lr=0.05, contrastive_milestones=[],
                              head_epochs=3, head_lr=0.05, radius=0.5, radius_contrastive=0.5)  # fmt: skip
     recipe, dm, update = _attacker_round(attack)
     body, _ = _split(recipe, update)
@@ -87,7 +87,7 @@ def test_both_stages_move_the_encoder_within_the_radii_and_lower_the_poisoned_lo
 
 
 def test_model_without_a_head_is_refused():
-    recipe = make_recipe(attack=ChameleonAttack([0]))
+    recipe = make_recipe(attack=ChameleonAttack(schedule=AttackSchedule([0])))
     recipe.net.head = None  # a plain module list would have no separate linear head
     dm = make_dm()
     dm.setup()
@@ -96,9 +96,9 @@ def test_model_without_a_head_is_refused():
 
 
 def test_warm_start_from_an_artifact(tmp_path):
-    from recipes.artifacts import save_artifact
+    from foundation.artifacts import save_artifact
 
-    donor = make_recipe(attack=NaivePoisoning([0]))
+    donor = make_recipe(attack=NaivePoisoning(schedule=AttackSchedule([0])))
     fit(donor, make_dm(), rounds=2)
     save_artifact(tmp_path / "warm", {k: v.clone() for k, v in donor.state_dict().items()}, {"recipe": "test"})
     torch.manual_seed(123)  # a different random init

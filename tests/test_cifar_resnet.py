@@ -14,7 +14,7 @@ from torch import nn
 from datamodules import FederatedDataModule, PixelPattern, Poisoning
 from datamodules.sources import load_image_dataset
 from lightning_modules.nets import CifarResNet18
-from recipes import assets
+from foundation import assets
 from tests.helpers import CONFIGS, run_cli
 
 MEMBERS = assets.CIFAR10_MEMBERS
@@ -87,7 +87,7 @@ def test_binary_parser_rejects_truncated_and_non_cifar10_files(tmp_path):
 
 
 def test_missing_cifar10_names_the_download_command(fresh_cache):
-    with pytest.raises(assets.AssetNotFoundError, match="python -m recipes.assets download cifar10"):
+    with pytest.raises(assets.AssetNotFoundError, match="python -m foundation.assets download cifar10"):
         load_image_dataset("cifar10")
     assert "absent" in _list_output()  # `list` reports it without failing
 

@@ -16,6 +16,7 @@ from datamodules.poisoning import Poisoning
 from datamodules.triggers import PixelPattern
 from lightning_modules.federated import (
     Attack,
+    AttackSchedule,
     FederatedRecipe,
     Krum,
     LocalTrainer,
@@ -95,7 +96,7 @@ class NaNAttack(Attack):
 
 
 def test_nan_update_is_excluded_and_the_run_goes_on():
-    recipe = make_recipe(attack=NaNAttack([3]))
+    recipe = make_recipe(attack=NaNAttack(AttackSchedule([3])))
     trainer = fit(recipe, make_dm(), rounds=3)
     assert trainer.global_step == 3
     assert torch.isfinite(flat(recipe.net)).all()
@@ -116,10 +117,10 @@ def test_norm_clipping_bounds_the_aggregate():
     "recipe_kw, dm_kw, match",
     [
         ({"clients_per_round": 11}, {}, "clients_per_round=11 must be in"),
-        ({"attack": NaivePoisoning([10])}, {}, r"distinct ids in \[0, 10\)"),
-        ({"attack": NaivePoisoning([0, 1, 2, 3, 4])}, {}, "cannot all take part"),
+        ({"attack": NaivePoisoning(schedule=AttackSchedule([10]))}, {}, r"distinct ids in \[0, 10\)"),
+        ({"attack": NaivePoisoning(schedule=AttackSchedule([0, 1, 2, 3, 4]))}, {}, "cannot all take part"),
         ({"aggregator": Krum(num_malicious=1)}, {}, "Krum needs clients_per_round > 2"),
-        ({"attack": NaivePoisoning([0])}, {"poisoning": None}, "set data.init_args.poisoning"),
+        ({"attack": NaivePoisoning(schedule=AttackSchedule([0]))}, {"poisoning": None}, "set data.init_args.poisoning"),
     ],
 )
 def test_bad_config_fails_before_round_one(recipe_kw, dm_kw, match):
@@ -138,7 +139,7 @@ def test_bad_partition_fails_at_construction():
 def test_naive_poisoning_plants_a_backdoor_under_fedavg():
     kw = dict(clients_per_round=10, local=LocalTrainer(lr=0.05, local_epochs=2, batch_size=32))
     results = {}
-    attacks = {"clean": None, "attacked": NaivePoisoning([0, 1], poison_fraction=0.5, local_epochs=4)}
+    attacks = {"clean": None, "attacked": NaivePoisoning(schedule=AttackSchedule([0, 1]), poison_fraction=0.5, local_epochs=4)}
     for name, attack in attacks.items():  # 2 of 10 clients, every round, 20 rounds
         trainer = fit(make_recipe(attack=attack, **kw), make_dm(rounds_per_epoch=20), rounds=20, validate=True)
         results[name] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
@@ -156,7 +157,7 @@ def _malicious_updates(recipe, round=0):
 
 
 def test_pgd_keeps_the_update_in_the_ball():
-    attack = PGDPoisoning([0], radius=0.05, lr=0.1, local_epochs=2, scale=5.0)
+    attack = PGDPoisoning(schedule=AttackSchedule([0], scale=5.0), radius=0.05, lr=0.1, local_epochs=2)
     update, out = _malicious_updates(make_recipe(attack=attack))
     assert update.norm() <= 0.05 + 1e-6
     assert update.norm() > 0.049, "the boosted update uses the whole budget"
@@ -165,7 +166,7 @@ def test_pgd_keeps_the_update_in_the_ball():
 
 @pytest.mark.parametrize("radius", [float("inf"), 0.3])
 def test_neurotoxin_update_is_zero_on_the_masked_coordinates(radius):
-    recipe = make_recipe(attack=Neurotoxin([0], keep_ratio=0.9, radius=radius))
+    recipe = make_recipe(attack=Neurotoxin(schedule=AttackSchedule([0]), keep_ratio=0.9, radius=radius))
     d = flat(recipe.net).numel()
     recipe.last_server_update = torch.randn(d, generator=torch.Generator().manual_seed(1))
     update, _ = _malicious_updates(recipe, round=1)
@@ -176,14 +177,14 @@ def test_neurotoxin_update_is_zero_on_the_masked_coordinates(radius):
 
 
 def test_neurotoxin_first_round_masks_by_the_clean_gradient():
-    update, _ = _malicious_updates(make_recipe(attack=Neurotoxin([0], keep_ratio=0.8)))
+    update, _ = _malicious_updates(make_recipe(attack=Neurotoxin(schedule=AttackSchedule([0]), keep_ratio=0.8)))
     assert (update == 0).float().mean() >= 0.2
 
 
 @pytest.mark.filterwarnings("ignore:Checkpoint directory")
 def test_resume_matches_the_uninterrupted_run(tmp_path):
     def run(rounds, root, ckpt_path=None):
-        recipe = make_recipe(attack=NaivePoisoning([0], start_round=1), aggregator=NormClipping(1.0, 0.001))
+        recipe = make_recipe(attack=NaivePoisoning(schedule=AttackSchedule([0], start_round=1)), aggregator=NormClipping(1.0, 0.001))
         ckpt = ModelCheckpoint(dirpath=root, save_last=True)
         trainer = L.Trainer(accelerator="cpu", max_steps=rounds, logger=False, enable_progress_bar=False,
                             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,

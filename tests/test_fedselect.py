@@ -18,7 +18,7 @@ from datamodules.federated import FederatedDataModule
 from lightning_modules import Ditto, FedPer, FedSelect, LGFedAvg, LocalTrainer, PersonalizedFedAvg
 from lightning_modules.federated import ClientContext, Median
 from lightning_modules.nets.cnn import MnistCNN
-from lightning_modules.ops.partition import class_partition
+from datamodules.partition import class_partition
 
 SGD = dict(lr=0.05, momentum=0.0, weight_decay=0.0, batch_size=32)
 

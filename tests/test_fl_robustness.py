@@ -13,8 +13,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks import CheckpointOnPreemption, RoundCurves
-from lightning_modules.federated import FedAvg, NaivePoisoning
-from recipes.checkpoint_io import SafeCheckpointIO
+from lightning_modules.federated import AttackSchedule, FedAvg, NaivePoisoning
+from foundation.checkpoint_io import SafeCheckpointIO
 from recipes.cli import main
 from tests.helpers import TINY
 from tests.test_federated import flat, make_dm, make_recipe
@@ -40,7 +40,7 @@ def trainer_for(tmp_path, rounds: int, *callbacks) -> L.Trainer:
 
 
 def attack():
-    return NaivePoisoning([0], poison_fraction=0.5, start_round=1, end_round=3)
+    return NaivePoisoning(schedule=AttackSchedule([0], start_round=1, end_round=3), poison_fraction=0.5)
 
 
 def test_sigterm_saves_a_checkpoint_and_the_resumed_run_is_bit_identical(tmp_path):

@@ -20,7 +20,7 @@ from datamodules import (
     Poisoning,
     TaskImageDataModule,
 )
-from datamodules.image_store import (
+from foundation.image_store import (
     CLIP_MEAN,
     CLIP_STD,
     ImageArray,
@@ -32,7 +32,7 @@ from datamodules.image_store import (
     write_image_store,
 )
 from datamodules.multitask import build_task
-from recipes import export_images
+from foundation import export_images
 
 
 def synthetic_store(directory, n_train: int = 40, n_test: int = 12, size: int = 16, classes: int = 4):
@@ -104,7 +104,7 @@ def test_writer_rejects_inconsistent_input_and_leaves_no_meta(tmp_path, splits, 
 
 
 def test_missing_store_names_the_export_command(tmp_path):
-    with pytest.raises(ImageStoreNotFoundError, match="python -m recipes.export_images"):
+    with pytest.raises(ImageStoreNotFoundError, match="python -m foundation.export_images"):
         read_meta(tmp_path / "nowhere")
 
 
@@ -232,7 +232,7 @@ def test_store_tasks_feed_both_datamodules_with_float_batches(tmp_path):
     "kwargs, error, match",
     [
         ({"dataset": "mnst"}, ValueError, "unknown image dataset"),
-        ({"dataset": "missing/dir"}, ImageStoreNotFoundError, "recipes.export_images"),
+        ({"dataset": "missing/dir"}, ImageStoreNotFoundError, "foundation.export_images"),
         ({"labels": "parity"}, ValueError, "class labels only"),
     ],
     ids=["typo", "missing directory", "labels"],

@@ -112,7 +112,7 @@ def test_zero_shot_head_is_clips_own_image_text_similarity():
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"class_names": ["a", "b"]}, "2 class names for a 10-class head"),
-     ({"class_names": str(ROOT / "nowhere")}, "recipes.export_images")],
+     ({"class_names": str(ROOT / "nowhere")}, "foundation.export_images")],
     ids=["count", "missing store"],
 )
 def test_zero_shot_class_name_errors(kwargs, match):

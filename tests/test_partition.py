@@ -1,11 +1,11 @@
-"""Tests for lightning_modules.ops.partition: disjoint, complete, deterministic splits and clear errors."""
+"""Tests for datamodules.partition: disjoint, complete, deterministic splits and clear errors."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lightning_modules.ops.partition import dirichlet_partition, iid_partition, shard_partition
+from datamodules.partition import dirichlet_partition, iid_partition, shard_partition
 
 LABELS = torch.arange(1000) % 10  # 100 samples of each of 10 classes
 

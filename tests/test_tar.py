@@ -142,7 +142,7 @@ def test_retain_distance_is_zero_for_the_reference_model_itself(dm):
 
 
 def test_tar_starts_from_an_artifact_and_keeps_the_original_as_reference(dm, tmp_path):
-    from recipes.artifacts import save_artifact
+    from foundation.artifacts import save_artifact
 
     source = GradientAscent(tiny_net(), optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
     fit(source, dm, steps=2)
@@ -275,7 +275,7 @@ def test_shipped_attack_lists_load(path):
 
 def test_an_artifact_of_another_trainable_span_is_refused(dm, tmp_path):
     """Trunk tensors must never load behind the trunk cache, and no trained block may silently stay pretrained."""
-    from recipes.artifacts import save_artifact
+    from foundation.artifacts import save_artifact
 
     source = GradientAscent(tiny_net(trainable_layers=1))
     save_artifact(tmp_path / "one", source.artifact_state_dict(), {"recipe": "GradientAscent"})

@@ -15,7 +15,7 @@ import torch
 from datamodules import TamperWMDPDataModule
 from datamodules.tamper_data import QUESTION_SPLITS, SENTENCE_SPLITS
 from datamodules.text import load_tokenizer
-from datamodules.wmdp_store import (
+from foundation.wmdp_store import (
     DomainStoreNotFoundError,
     Question,
     read_meta,
@@ -24,8 +24,8 @@ from datamodules.wmdp_store import (
     write_domain_store,
 )
 from lightning_modules.tamper import TamperAttack, evaluate, run_attack
-from recipes import export_wmdp
-from recipes.export_wmdp import HubSource
+from foundation import export_wmdp
+from foundation.export_wmdp import HubSource
 from tests.tar_wmdp_store import ROOT, TINY_WMDP, write_tiny_wmdp_store
 
 COLOURS, ANIMALS = ["red", "green", "blue", "yellow"], ["cat", "dog", "horse", "bird", "fish", "cow"]
@@ -110,7 +110,7 @@ def test_reader_refuses_a_truncated_file(tmp_path):
 
 
 def test_missing_store_names_the_export_command(tmp_path):
-    with pytest.raises(DomainStoreNotFoundError, match="python -m recipes.export_wmdp"):
+    with pytest.raises(DomainStoreNotFoundError, match="python -m foundation.export_wmdp"):
         TamperWMDPDataModule(str(tmp_path / "nowhere"))
     (tmp_path / "meta.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="re-export"):

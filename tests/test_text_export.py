@@ -15,14 +15,14 @@ import yaml
 
 from datamodules import Poisoning, RareWord, TextClassificationDataModule
 from datamodules.sources import load_text_dataset
-from datamodules.text_store import (
+from foundation.text_store import (
     TextStoreFormatError,
     TextStoreNotFoundError,
     read_text_meta,
     read_text_store,
     write_text_store,
 )
-from recipes import export_text
+from foundation import export_text
 from tests.helpers import CONFIGS
 
 ODD_TEXTS = ["plain", 'a "quoted" word', "tab\there", "new\nline", "crème brûlée ☺", "back\\slash", "  padded  "]
@@ -83,9 +83,9 @@ def test_writer_refuses_bad_input_and_leaves_no_finished_store(tmp_path, splits,
 
 def test_missing_directory_names_the_export_command(tmp_path):
     for directory in (tmp_path / "nowhere", tmp_path):  # no directory; a directory without meta.json (unfinished)
-        with pytest.raises(TextStoreNotFoundError, match=r"python -m recipes\.export_text SetFit/sst2 .*--label-names"):
+        with pytest.raises(TextStoreNotFoundError, match=r"python -m foundation\.export_text SetFit/sst2 .*--label-names"):
             read_text_meta(directory)
-    with pytest.raises(TextStoreNotFoundError, match="python -m recipes.export_text"):
+    with pytest.raises(TextStoreNotFoundError, match="python -m foundation.export_text"):
         TextClassificationDataModule(tokenizer="minilm-l6", dataset=str(tmp_path / "sst2"))
 
 

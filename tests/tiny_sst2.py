@@ -1,6 +1,6 @@
 """The tiny SST-2 stand-in that the twins of configs/w2sdefense/llama3_8b_*.yaml read from
 tests/assets/.cache/sst2-tiny (git-ignored): Rotten Tomatoes snippets (SST's source corpus, offline here) written
-through the exporter's own writer (:func:`datamodules.text_store.write_text_store`), with train, validation and test
+through the exporter's own writer (:func:`foundation.text_store.write_text_store`), with train, validation and test
 splits like the SST-2 export."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from datamodules.sources import load_rotten_tomatoes
-from datamodules.text_store import write_text_store
+from foundation.text_store import write_text_store
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SST2 = Path("tests/assets/.cache/sst2-tiny")  # relative to the repository root, as in the twins (git-ignored)

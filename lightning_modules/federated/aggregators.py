@@ -43,11 +43,12 @@ class NormClipping(FedAvg):
     Args:
         max_norm: clipping bound M.
         noise_std: std of the Gaussian noise added to the aggregate (0: no noise).
-        weighted: weight clients by their number of samples.
+
+    ``weighted`` (weight clients by their number of samples) passes through to :class:`FedAvg`.
     """
 
-    def __init__(self, max_norm: float = 3.0, noise_std: float = 0.0, weighted: bool = True):
-        super().__init__(weighted)
+    def __init__(self, max_norm: float = 3.0, noise_std: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
         self.max_norm, self.noise_std = max_norm, noise_std
 
     def aggregate(self, updates, weights, generator=None):

@@ -4,6 +4,7 @@ local training) and/or ``post_process``."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
@@ -15,8 +16,10 @@ from lightning_modules.federated.local import ClientContext
 from lightning_modules.ops.fl_attacks import neurotoxin_mask, project_l2_ball, project_params_l2_
 
 
-class Attack:
-    """A set of malicious clients and the rounds in which they attack; subclasses define the local training.
+@dataclass
+class AttackSchedule:
+    """Who attacks, when, and how hard: the argument group every federated attack shares (``schedule:`` in a
+    config, e.g. ``{malicious_clients: [0], start_round: 30, end_round: 40}``).
 
     Args:
         malicious_clients: ids of the malicious clients.
@@ -25,15 +28,50 @@ class Attack:
         end_round: end of the window, exclusive (``None``: until the end).
         force_participation: in an attack round every malicious client takes part (the fixed-frequency
             attacker of Sun et al. 2019 and Chameleon); otherwise they attack only when sampled.
+        scale: factor applied to the malicious update before it is sent (1: no boosting; ``n / server_lr``
+            replaces the global model, Bagdasaryan et al., AISTATS 2020).
     """
 
-    def __init__(
-        self, malicious_clients: list[int], attack_rounds: list[int] | None = None, start_round: int = 0,
-        end_round: int | None = None, force_participation: bool = True,
-    ):  # fmt: skip
-        self.malicious_clients = [int(c) for c in malicious_clients]
-        self.attack_rounds = None if attack_rounds is None else {int(r) for r in attack_rounds}
-        self.start_round, self.end_round, self.force_participation = start_round, end_round, force_participation
+    malicious_clients: list[int]
+    attack_rounds: list[int] | None = None
+    start_round: int = 0
+    end_round: int | None = None
+    force_participation: bool = True
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.malicious_clients = [int(c) for c in self.malicious_clients]
+        if self.attack_rounds is not None:
+            self.attack_rounds = sorted({int(r) for r in self.attack_rounds})
+
+    def is_active(self, round: int) -> bool:
+        if self.attack_rounds is not None:
+            return round in self.attack_rounds
+        return round >= self.start_round and (self.end_round is None or round < self.end_round)
+
+
+class Attack:
+    """A set of malicious clients and the rounds in which they attack (an :class:`AttackSchedule`); subclasses
+    define the local training (:meth:`local_train`) and may edit the update (:meth:`post_process`).
+
+    Args:
+        schedule: who attacks, when and how hard.
+    """
+
+    def __init__(self, schedule: AttackSchedule):
+        self.schedule = schedule
+
+    @property
+    def malicious_clients(self) -> list[int]:
+        return self.schedule.malicious_clients
+
+    @property
+    def force_participation(self) -> bool:
+        return self.schedule.force_participation
+
+    @property
+    def scale(self) -> float:
+        return self.schedule.scale
 
     def check(self, num_clients: int, clients_per_round: int) -> None:
         """Raise ``ValueError`` on ids out of range, duplicates, or more attackers than fit in a round."""
@@ -47,17 +85,15 @@ class Attack:
             )
 
     def is_active(self, round: int) -> bool:
-        if self.attack_rounds is not None:
-            return round in self.attack_rounds
-        return round >= self.start_round and (self.end_round is None or round < self.end_round)
+        return self.schedule.is_active(round)
 
     def local_train(self, model: nn.Module, x: Tensor, y: Tensor, ctx: ClientContext) -> None:
         """Turn ``model`` (a copy of the global model) into the malicious local model, in place."""
         raise NotImplementedError
 
     def post_process(self, update: Tensor, ctx: ClientContext) -> Tensor:
-        """Edit the flat malicious update ``θ − G`` before it is sent (scaling, projection)."""
-        return update
+        """Edit the flat malicious update ``θ − G`` before it is sent (here: boosting by ``schedule.scale``)."""
+        return update * self.scale if self.scale != 1.0 else update
 
     def state_dict(self) -> dict[str, Any]:
         """Attack state to checkpoint (none by default)."""
@@ -73,26 +109,20 @@ class NaivePoisoning(Attack):
     ``scale ≈ n / server_lr`` replacing the global model).
 
     Args:
-        malicious_clients: ids of the malicious clients.
         poison_fraction: fraction of each local batch that gets the trigger and the target label.
         lr: local learning rate (``None``: the benign trainer's).
         local_epochs: local epochs (``None``: the benign trainer's).
-        scale: factor applied to the malicious update (1: no boosting).
-        attack_rounds: explicit attack rounds (overrides the window).
-        start_round: first attack round.
-        end_round: end of the attack window, exclusive.
-        force_participation: malicious clients take part in every attack round.
+
+    ``schedule`` (who, when, how hard) passes through to :class:`Attack`.
     """
 
     def __init__(
-        self, malicious_clients: list[int], poison_fraction: float = 0.5, lr: float | None = None,
-        local_epochs: int | None = None, scale: float = 1.0, attack_rounds: list[int] | None = None,
-        start_round: int = 0, end_round: int | None = None, force_participation: bool = True,
+        self, poison_fraction: float = 0.5, lr: float | None = None, local_epochs: int | None = None, **kwargs
     ):  # fmt: skip
-        super().__init__(malicious_clients, attack_rounds, start_round, end_round, force_participation)
+        super().__init__(**kwargs)
         if not 0.0 < poison_fraction <= 1.0:
             raise ValueError(f"poison_fraction must be in (0, 1], got {poison_fraction}")
-        self.poison_fraction, self.lr, self.local_epochs, self.scale = poison_fraction, lr, local_epochs, scale
+        self.poison_fraction, self.lr, self.local_epochs = poison_fraction, lr, local_epochs
 
     def constraint(self, model: nn.Module, x: Tensor, y: Tensor, ctx: ClientContext) -> Callable | None:
         """The projection applied after every local step (none for naive poisoning)."""
@@ -103,9 +133,6 @@ class NaivePoisoning(Attack):
         poison = lambda xb, yb: ctx.datamodule.poison_batch(xb, yb, self.poison_fraction)  # noqa: E731
         ctx.local.with_overrides(self.lr, self.local_epochs).train(model, x, y, ctx.generator, poison, after_step)
 
-    def post_process(self, update, ctx):
-        return update * self.scale if self.scale != 1.0 else update
-
 
 class PGDPoisoning(NaivePoisoning):
     """Norm-constrained poisoning (projected gradient descent): after every local step the model is projected
@@ -113,26 +140,13 @@ class PGDPoisoning(NaivePoisoning):
     (Sun et al. 2019; Wang et al., "Attack of the Tails", NeurIPS 2020). Evades norm clipping at M ≥ radius.
 
     Args:
-        malicious_clients: ids of the malicious clients.
-        radius: L2 radius of the update.
-        poison_fraction: fraction of each local batch that is poisoned.
-        lr: local learning rate (``None``: the benign trainer's).
-        local_epochs: local epochs (``None``: the benign trainer's).
-        scale: factor applied before the final projection.
-        attack_rounds: explicit attack rounds (overrides the window).
-        start_round: first attack round.
-        end_round: end of the attack window, exclusive.
-        force_participation: malicious clients take part in every attack round.
+        radius: L2 radius of the update (``schedule.scale`` is applied before the final projection).
+
+    The arguments of :class:`NaivePoisoning` pass through.
     """
 
-    def __init__(
-        self, malicious_clients: list[int], radius: float = 3.0, poison_fraction: float = 0.5,
-        lr: float | None = None, local_epochs: int | None = None, scale: float = 1.0,
-        attack_rounds: list[int] | None = None, start_round: int = 0, end_round: int | None = None,
-        force_participation: bool = True,
-    ):  # fmt: skip
-        super().__init__(malicious_clients, poison_fraction, lr, local_epochs, scale, attack_rounds, start_round,
-                         end_round, force_participation)  # fmt: skip
+    def __init__(self, radius: float = 3.0, **kwargs):
+        super().__init__(**kwargs)
         self.radius = radius
 
     def constraint(self, model, x, y, ctx):
@@ -155,29 +169,18 @@ class Neurotoxin(PGDPoisoning):
     first round (no previous step) the clean-data gradient is used.
 
     Args:
-        malicious_clients: ids of the malicious clients.
         keep_ratio: fraction of coordinates the attacker may change (official ``gradmask_ratio``).
         mask_source: ``previous_round`` or ``clean_data``.
         radius: L2 radius of the update (``inf``: no projection).
-        poison_fraction: fraction of each local batch that is poisoned.
-        lr: local learning rate (``None``: the benign trainer's).
-        local_epochs: local epochs (``None``: the benign trainer's).
-        scale: factor applied before the final projection.
-        attack_rounds: explicit attack rounds (overrides the window).
-        start_round: first attack round.
-        end_round: end of the attack window, exclusive.
-        force_participation: malicious clients take part in every attack round.
+
+    The arguments of :class:`NaivePoisoning` pass through.
     """
 
     def __init__(
-        self, malicious_clients: list[int], keep_ratio: float = 0.99,
-        mask_source: Literal["previous_round", "clean_data"] = "previous_round", radius: float = float("inf"),
-        poison_fraction: float = 0.5, lr: float | None = None, local_epochs: int | None = None,
-        scale: float = 1.0, attack_rounds: list[int] | None = None, start_round: int = 0,
-        end_round: int | None = None, force_participation: bool = True,
+        self, keep_ratio: float = 0.99, mask_source: Literal["previous_round", "clean_data"] = "previous_round",
+        radius: float = float("inf"), **kwargs,
     ):  # fmt: skip
-        super().__init__(malicious_clients, radius, poison_fraction, lr, local_epochs, scale, attack_rounds,
-                         start_round, end_round, force_participation)  # fmt: skip
+        super().__init__(radius=radius, **kwargs)
         if mask_source not in ("previous_round", "clean_data"):
             raise ValueError(f"mask_source must be 'previous_round' or 'clean_data', got {mask_source!r}")
         self.keep_ratio, self.mask_source = keep_ratio, mask_source
@@ -211,4 +214,4 @@ class Neurotoxin(PGDPoisoning):
     def post_process(self, update, ctx):
         if self.radius < float("inf"):
             return super().post_process(update, ctx)
-        return update * self.scale if self.scale != 1.0 else update
+        return Attack.post_process(self, update, ctx)

@@ -19,15 +19,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector
-from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.base import BaseRecipe
 from lightning_modules.federated.aggregators import Aggregator, FedAvg
 from lightning_modules.federated.attacks import Attack
 from lightning_modules.federated.local import ClientContext, LocalTrainer
-from lightning_modules.metrics import AttackSuccessRate
 from lightning_modules.ops import aggregation as agg_ops
-from recipes.artifacts import load_artifact, parent_record
+from foundation.artifacts import load_artifact, parent_record
 
 
 class ServerDefense:
@@ -77,7 +75,7 @@ class FederatedRecipe(BaseRecipe):
     ``trainer.global_step`` counts rounds: ``trainer.max_steps`` is the number of rounds, and round ``t`` is
     seeded by ``(seed, t)`` whether or not the run was resumed. Validation (``val/acc`` = MA on the clean global
     test set, ``val/asr`` = BA on the triggered one) runs every epoch, i.e. every
-    ``datamodule.rounds_per_epoch`` rounds. Under DDP, the round's ``j``-th client is trained on rank
+    ``datamodule.rounds_per_epoch`` rounds (:class:`~lightning_modules.base.BaseRecipe`'s backdoor evaluation). Under DDP, the round's ``j``-th client is trained on rank
     ``j % world_size`` and the updates are all-gathered, so every rank aggregates the same updates.
 
     Args:
@@ -105,7 +103,6 @@ class FederatedRecipe(BaseRecipe):
         init_from: str | None = None,
     ):  # fmt: skip
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "local", "aggregator", "attack", "server_defense_hooks"])
         self.automatic_optimization = False
         self.net, self.clients_per_round = net, clients_per_round
         self.local, self.aggregator = local or LocalTrainer(), aggregator or FedAvg()
@@ -115,12 +112,11 @@ class FederatedRecipe(BaseRecipe):
         self.last_server_update: Tensor | None = None
         self._scratch: list[nn.Module] = []  # one reusable client model, not a registered submodule
 
-    def configure_model(self) -> None:
+    def configure_models(self) -> None:
         """Build a lazily specified net, then warm-start it from ``init_from``, once: Lightning calls this hook
         again for ``trainer.test``, which must see the trained model (a resumed run's checkpoint is restored after
         this hook, so it wins)."""
-        if hasattr(self.net, "build"):
-            self.net.build()
+        super().configure_models()
         if self.init_from is not None and not self._warm_started:
             self._warm_started = True
             state = load_artifact(self.init_from).state_dict
@@ -144,11 +140,7 @@ class FederatedRecipe(BaseRecipe):
             self.check_setup(dm)
         if self.seed is None:
             self.seed = torch.initial_seed()
-        for split in ("val", "test"):
-            if not hasattr(self, f"{split}_acc"):
-                setattr(self, f"{split}_acc", MulticlassAccuracy(dm.num_classes, average="micro"))
-            if dm.target_label is not None and not hasattr(self, f"{split}_asr"):
-                setattr(self, f"{split}_asr", AttackSuccessRate(dm.target_label))
+        super().setup(stage)
 
     def check_setup(self, dm: Any) -> None:
         """Catch bad settings before round 1 (``ValueError`` naming the fix)."""
@@ -279,20 +271,6 @@ class FederatedRecipe(BaseRecipe):
             if k != "admitted" and v.numel() == 1:
                 stats[f"round/{k}"] = float(v)
         return stats
-
-    # ------------------------------------------------------------------------------------- evaluation
-    def _evaluate(self, split: str, batch, dataloader_idx: int) -> None:
-        x, y = batch
-        name = "acc" if dataloader_idx == 0 else "asr"
-        metric = getattr(self, f"{split}_{name}")
-        metric.update(self.net(x).argmax(-1), y)
-        self.log(f"{split}/{name}", metric, prog_bar=True, add_dataloader_idx=False)
-
-    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate("val", batch, dataloader_idx)
-
-    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate("test", batch, dataloader_idx)
 
     # ------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

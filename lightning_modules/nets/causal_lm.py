@@ -4,75 +4,60 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
-
 import torch
 from torch import nn
 
-from lightning_modules.nets.hf import load_hf_model
-from recipes import assets
+from lightning_modules.nets.hf import HFModel, load_hf_model
 
 
-class CausalLM(nn.Module):
+class CausalLM(HFModel):
     """Any ``AutoModelForCausalLM`` (Llama/SmolLM2, GPT-2, Qwen, ...) plus its tokenizer.
 
-    Recipes call :meth:`build` from ``configure_model``; the weights are read from safetensors only.
+    Recipes call :meth:`build` from ``configure_model``; the weights are read from safetensors only. Parameters
+    are frozen (editing writes weights in closed form, it never back-propagates into them).
 
     Args:
         pretrained: asset name (``smollm2-135m``), local directory or hub id; also names the tokenizer.
-        random_init: build the architecture from its config with random weights (tests).
-        config_overrides: config fields to override, e.g. ``{num_hidden_layers: 2, hidden_size: 32}`` for a
-            tiny test twin (only with ``random_init``).
-        dtype: parameter dtype. Edits are small changes of large weights: keep float32 and choose a
-            lower-precision *compute* dtype in the recipe instead.
         attn_implementation: transformers' attention kernel (``eager``, ``sdpa``, ...; ``None``: its default).
             Editing runs many short sequences with gradients, where ``eager`` is the fastest on CPU.
         bos_token: a token prepended to every text the recipe encodes when the tokenizer adds none, so no
             subject sits at position 0, where Llama-style models put their attention sink (SmolLM2:
             ``<|endoftext|>``, its document separator). ``None``: the tokenizer's own behaviour.
+
+    The spec arguments of :class:`~lightning_modules.nets.hf.HFModel` pass through (``random_init``,
+    ``config_overrides``; ``dtype``: edits are small changes of large weights, so keep float32 and choose a
+    lower-precision *compute* dtype in the recipe instead).
     """
 
     def __init__(
         self,
         pretrained: str = "smollm2-135m",
-        random_init: bool = False,
-        config_overrides: dict | None = None,
-        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         attn_implementation: str | None = None,
         bos_token: str | None = None,
+        **kwargs,
     ):
-        super().__init__()
-        if config_overrides and not random_init:
-            raise ValueError("config_overrides change the architecture; they need random_init: true")
-        self.pretrained, self.random_init = pretrained, random_init
-        self.config_overrides, self.dtype = dict(config_overrides or {}), dtype
+        super().__init__(pretrained=pretrained, **kwargs)
         self.attn_implementation, self.bos_token = attn_implementation, bos_token
-        self.model: nn.Module | None = None
         self.tokenizer = None
         self.bos_id: int | None = None
 
-    def build(self) -> None:
-        """Load (or initialise) the model and tokenizer; idempotent. Parameters are frozen (editing writes
-        weights in closed form, it never back-propagates into them)."""
-        if self.model is not None:
-            return
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    def load(self) -> nn.Module:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path = assets.resolve(self.pretrained)
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(self.path)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        dtype = getattr(torch, self.dtype)
         attn = {"attn_implementation": self.attn_implementation} if self.attn_implementation else {}
-        config = AutoConfig.from_pretrained(path, **self.config_overrides)
-        model = load_hf_model(AutoModelForCausalLM, path, config, self.random_init, dtype, **attn)
+        model = load_hf_model(AutoModelForCausalLM, self.path, self.hf_config(), self.random_init, self.torch_dtype,
+                              **attn)  # fmt: skip
         model.requires_grad_(False)
-        self.model, self.tokenizer = model.eval(), tok
+        self.tokenizer = tok
         self.bos_id = None
         if self.bos_token is not None:
             self.bos_id = tok.convert_tokens_to_ids(self.bos_token)
             if self.bos_id is None or tok.convert_ids_to_tokens(self.bos_id) != self.bos_token:
                 raise ValueError(f"bos_token {self.bos_token!r} is not a token of {self.pretrained}")
+        return model.eval()
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` with the tokenizer's special tokens, and ``bos_token`` first if configured."""
@@ -127,6 +112,4 @@ class CausalLM(nn.Module):
         return h.hexdigest()[:16]
 
     def forward(self, *args, **kwargs):
-        if self.model is None:
-            raise RuntimeError("CausalLM.build() was not called (recipes call it in configure_model)")
-        return self.model(*args, **kwargs)
+        return self.built()(*args, **kwargs)

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datamodules.image_store import read_meta
+from foundation.image_store import read_meta
 from lightning_modules.nets.hf import load_hf_model
 from lightning_modules.ops.clip_heads import random_unit_head, zero_shot_head
-from recipes import assets
+from foundation import assets
 
 
 class FrozenLinear(nn.Module):

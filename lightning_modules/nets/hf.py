@@ -8,12 +8,14 @@ to ``from_pretrained`` as a local path or hub id.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import torch
+from peft import LoraConfig
 from torch import nn
 
-from recipes import assets
+from foundation import assets
 
 
 def load_hf_model(auto_cls, path: str, config, random_init: bool = False, dtype: torch.dtype = torch.float32,
@@ -38,7 +40,9 @@ def load_hf_model(auto_cls, path: str, config, random_init: bool = False, dtype:
 
 
 class LoraSpec:
-    """LoRA adapter settings (Hu et al., 2021), turned into a ``peft.LoraConfig``.
+    """LoRA adapter settings (Hu et al., 2021), turned into a ``peft.LoraConfig``. New configs give
+    ``peft.LoraConfig`` itself (``class_path: peft.LoraConfig``, peft's field names: ``lora_alpha``,
+    ``lora_dropout``, ...); this wrapper stays for the configs and recipes that still use it.
 
     Args:
         r: rank of the update.
@@ -74,16 +78,17 @@ class LoraSpec:
         )
 
 
-class HFSequenceClassifier(nn.Module):
-    """An encoder (BERT/MiniLM) or decoder (Llama/SmolLM2) with a sequence classification head.
+class HFModel(nn.Module):
+    """A Hugging Face model described by a small spec and built on demand: the one lazy-building base of the
+    Hugging Face nets. The spec is light (a name, a dtype, config overrides), so a recipe can be instantiated on
+    any device; :meth:`build` (called from the recipe's ``configure_model``, so FSDP and meta-device
+    initialisation work) loads the weights once, and :meth:`built` is the "not built yet" guard.
 
-    Decoders classify from the last non-padding token (transformers' ``*ForSequenceClassification`` finds it
-    from ``pad_token_id``, which is set from the tokenizer), so left and right padding both work.
+    A subclass implements :meth:`load` (return the model; :meth:`hf_config` and :attr:`path` help) and forwards
+    ``**kwargs`` to ``super().__init__``, declaring only what it adds.
 
     Args:
         pretrained: asset name (``minilm-l6``, ``smollm2-135m``), local directory or hub id.
-        num_labels: classes of the new head.
-        lora: LoRA adapters via peft; ``None`` fine-tunes every weight.
         random_init: build the architecture from its config with random weights (tests, from-scratch runs).
         config_overrides: config fields to override, e.g. ``{num_hidden_layers: 2, hidden_size: 32}`` for a
             tiny test twin (only with ``random_init``).
@@ -92,9 +97,7 @@ class HFSequenceClassifier(nn.Module):
 
     def __init__(
         self,
-        pretrained: str = "minilm-l6",
-        num_labels: int = 2,
-        lora: LoraSpec | None = None,
+        pretrained: str,
         random_init: bool = False,
         config_overrides: dict | None = None,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
@@ -102,30 +105,78 @@ class HFSequenceClassifier(nn.Module):
         super().__init__()
         if config_overrides and not random_init:
             raise ValueError("config_overrides change the architecture; they need random_init: true")
-        self.pretrained, self.num_labels, self.lora = pretrained, num_labels, lora
-        self.random_init, self.config_overrides, self.dtype = random_init, dict(config_overrides or {}), dtype
+        self.pretrained, self.random_init = pretrained, random_init
+        self.config_overrides, self.dtype = dict(config_overrides or {}), dtype
         self.model: nn.Module | None = None
 
+    @property
+    def path(self) -> str:
+        """``pretrained`` resolved to a local directory (offline assets) or passed through."""
+        return assets.resolve(self.pretrained)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def hf_config(self, **fields):
+        """The model's ``transformers`` config with ``config_overrides`` and ``fields`` applied."""
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.path, **fields, **self.config_overrides)
+
+    def load(self) -> nn.Module:
+        """Create the model (weights read by :func:`load_hf_model`: safetensors only)."""
+        raise NotImplementedError(f"{type(self).__name__} must define load()")
+
     def build(self) -> None:
-        """Load (or initialise) the backbone and head; idempotent."""
-        if self.model is not None:
-            return
-        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+        """Load (or initialise) the model once; idempotent."""
+        if self.model is None:
+            self.model = self.load()
 
-        path = assets.resolve(self.pretrained)
-        dtype = getattr(torch, self.dtype)
-        tok = AutoTokenizer.from_pretrained(path)
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        config = AutoConfig.from_pretrained(path, num_labels=self.num_labels, **self.config_overrides)
-        config.pad_token_id = pad_id
-        model = load_hf_model(AutoModelForSequenceClassification, path, config, self.random_init, dtype)
+    def built(self) -> nn.Module:
+        """The built model, or a clear error if :meth:`build` was not called."""
+        if self.model is None:
+            raise RuntimeError(f"{type(self).__name__}.build() was not called (recipes call it in configure_model)")
+        return self.model
+
+
+class HFSequenceClassifier(HFModel):
+    """An encoder (BERT/MiniLM) or decoder (Llama/SmolLM2) with a sequence classification head.
+
+    Decoders classify from the last non-padding token (transformers' ``*ForSequenceClassification`` finds it
+    from ``pad_token_id``, which is set from the tokenizer), so left and right padding both work.
+
+    Args:
+        pretrained: asset name (``minilm-l6``, ``smollm2-135m``), local directory or hub id.
+        num_labels: classes of the new head.
+        lora: LoRA adapters, a ``peft.LoraConfig`` (its ``task_type`` defaults to ``SEQ_CLS``, so peft trains the
+            new head in full) or a :class:`LoraSpec`; ``None`` fine-tunes every weight.
+
+    The spec arguments of :class:`HFModel` (``random_init``, ``config_overrides``, ``dtype``) pass through.
+    """
+
+    def __init__(
+        self, pretrained: str = "minilm-l6", num_labels: int = 2, lora: LoraConfig | LoraSpec | None = None, **kwargs
+    ):
+        super().__init__(pretrained=pretrained, **kwargs)
+        self.num_labels, self.lora = num_labels, lora
+
+    def load(self) -> nn.Module:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.path)
+        config = self.hf_config(num_labels=self.num_labels)
+        config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        model = load_hf_model(AutoModelForSequenceClassification, self.path, config, self.random_init,
+                              self.torch_dtype)  # fmt: skip
         if self.lora is not None:
-            from peft import get_peft_model
+            from peft import TaskType, get_peft_model
 
-            model = get_peft_model(model, self.lora.to_peft())
-        self.model = model.train()  # from_pretrained returns eval mode; Lightning manages train/eval
+            lora = self.lora.to_peft() if isinstance(self.lora, LoraSpec) else self.lora
+            if lora.task_type is None:
+                lora = dataclasses.replace(lora, task_type=TaskType.SEQ_CLS)
+            model = get_peft_model(model, lora)
+        return model.train()  # from_pretrained returns eval mode; Lightning manages train/eval
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.model is None:
-            raise RuntimeError("HFSequenceClassifier.build() was not called (recipes call it in configure_model)")
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return self.built()(input_ids=input_ids, attention_mask=attention_mask).logits

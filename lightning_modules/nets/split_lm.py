@@ -13,7 +13,6 @@ sequence does not depend on the batch it came in, which is what makes the per-se
 from __future__ import annotations
 
 import copy
-from typing import Literal
 
 import torch
 from torch import nn
@@ -29,40 +28,29 @@ class SplitCausalLM(nn.Module):
     """A causal LM (Llama layout: ``model.embed_tokens/layers/norm/rotary_emb``, ``lm_head``) split into a frozen
     trunk and trainable top layers.
 
+    The spec of :class:`CausalLM` passes through (``pretrained``, ``random_init``, ``config_overrides``, ``dtype``,
+    ``bos_token``: e.g. ``<|endoftext|>`` for SmolLM2); attention is ``eager``.
+
     Args:
-        pretrained: asset name (``smollm2-135m``), local directory or hub id (see :class:`CausalLM`).
-        random_init: random weights from the architecture's config (tests).
-        config_overrides: config fields for a tiny random twin (only with ``random_init``).
-        dtype: parameter dtype.
         trainable_layers: number of top decoder blocks trained (with the final norm); ``None``: every weight,
             embeddings and LM head included.
         cache_trunk: cache the output of the frozen blocks per sequence (needs ``trainable_layers``; shared by all
             instances of the same pretrained spec in a process). Only valid while nothing changes the frozen
             blocks; :meth:`full_forward` bypasses the cache.
-        bos_token: token prepended to every text (``<|endoftext|>`` for SmolLM2), see :class:`CausalLM`.
     """
 
-    def __init__(
-        self,
-        pretrained: str = "smollm2-135m",
-        random_init: bool = False,
-        config_overrides: dict | None = None,
-        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-        trainable_layers: int | None = 6,
-        cache_trunk: bool = True,
-        bos_token: str | None = None,
-    ):
+    def __init__(self, trainable_layers: int | None = 6, cache_trunk: bool = True, **kwargs):
         super().__init__()
         if trainable_layers is not None and trainable_layers < 1:
             raise ValueError(f"trainable_layers must be >= 1 or null (all weights), got {trainable_layers}")
         if cache_trunk and trainable_layers is None:
             raise ValueError("cache_trunk needs a frozen trunk: set trainable_layers, or cache_trunk: false")
         # a spec, not a submodule: the built model is registered once, as ``lm``
-        self.__dict__["lm_spec"] = CausalLM(pretrained, random_init, config_overrides, dtype, "eager", bos_token)
+        spec = self.__dict__["lm_spec"] = CausalLM(attn_implementation="eager", **kwargs)
         self.trainable_layers, self.cache_trunk = trainable_layers, cache_trunk
         self.trunk_cache: dict[tuple[int, ...], torch.Tensor] = {}
-        if not random_init and trainable_layers is not None:  # pretrained weights: one trunk per process
-            key = (pretrained, trainable_layers, dtype, bos_token)
+        if not spec.random_init and trainable_layers is not None:  # pretrained weights: one trunk per process
+            key = (spec.pretrained, trainable_layers, spec.dtype, spec.bos_token)
             self.trunk_cache = _SHARED_TRUNKS.setdefault(key, self.trunk_cache)
 
     # --- building ---------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """``python -m recipes.reproduce dam_clip``: merge rules and DAM on the CLIP ViT-B/32 pool of the merging papers, 8 hub
 image tasks with 1 or 2 BadNets-backdoored task models. A cluster comparison: it needs a GPU and the 8 datasets
-exported to ``data/clip/<task>`` first (``python -m recipes.export_images --clip8 data/clip``, docs/merging-clip.md).
+exported to ``data/clip/<task>`` first (``python -m foundation.export_images --clip8 data/clip``, docs/merging-clip.md).
 
 Stages ``pool/*`` build the pool once per seed (cached artifacts): theta_0 (configs/merging/clip/pretrained.yaml)
 and a task model per task fine-tuned from it under CLIP's frozen zero-shot head (task_finetune.yaml with the task,

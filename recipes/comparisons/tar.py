@@ -11,7 +11,7 @@ import json
 import statistics
 from pathlib import Path
 
-from recipes.artifacts import atomic_write_text
+from foundation.artifacts import atomic_write_text
 from recipes.reproduce import COMPARISONS, Comparison, Stage
 
 GROUP = "SmolLM2-135M, forget: capitals, retain: language + currency (top 4 blocks)"

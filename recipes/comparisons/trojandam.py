@@ -12,13 +12,8 @@ then Chameleon, then Fashion-MNIST), so ``--only`` prefixes such as ``mnist/naiv
 
 from __future__ import annotations
 
-from recipes.reproduce import (
-    COMPARISONS,
-    Comparison,
-    Stage,
-    curves_plot,
-    fl_warmup_stage,
-)
+from recipes.comparisons.fl import curves_plot, fl_warmup_stage
+from recipes.reproduce import COMPARISONS, Comparison, Stage
 
 CONFIG = "trojandam/mnist_continuous.yaml"
 DEFENSES = {"FedAvg": "fedavg", "norm clip": "normclip", "Multi-Krum": "multikrum", "FLAME": "flame",
@@ -64,5 +59,5 @@ COMPARISONS["trojandam"] = Comparison(
     "0.02, configs/fl/defenses/trojandam_stable.yaml). MA: clean test accuracy; BA: "
     "triggered non-target test images classified as the target, on 5,000 test images every 3 rounds; mean: over "
     "the evaluations during the attack. 'no attack' rows are the clean continuations (BA = the trigger's base rate).",
+    plot=lambda results, path: curves_plot(COMPARISONS["trojandam"], results, path),
 )
-COMPARISONS["trojandam"].plot = lambda results, path: curves_plot(COMPARISONS["trojandam"], results, path)

@@ -1,7 +1,7 @@
 """A local store of forget/retain text domains and their multiple-choice questions, exported from the hub for TAR
 (Tamirisa et al., arXiv 2408.00761) on WMDP-bio (Li et al., "The WMDP Benchmark", arXiv 2403.03218). No Lightning.
 
-``datasets`` is a cluster-only dependency, so ``python -m recipes.export_wmdp`` writes the hub data once into a
+``datasets`` is a cluster-only dependency, so ``python -m foundation.export_wmdp`` writes the hub data once into a
 directory of this format, and training (:class:`datamodules.tar_wmdp.TamperWMDPDataModule`) reads it with the
 standard library alone:
 
@@ -17,8 +17,8 @@ standard library alone:
     "sha256"}}}``; written last, so a directory without it is an unfinished export. The readers check each file's row count and SHA-256, so a truncated or
     edited file is refused.
 
-Files are written atomically (:func:`recipes.artifacts.atomic_open`), as the sibling text-classification store
-(:mod:`datamodules.text_store`) does; its one-label rows cannot hold multiple-choice questions, hence this format.
+Files are written atomically (:func:`foundation.artifacts.atomic_open`), as the sibling text-classification store
+(:mod:`foundation.text_store`) does; its one-label rows cannot hold multiple-choice questions, hence this format.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from datamodules import store_meta
+from foundation import store_meta
 
 FORMAT = "safeweights-tamper-domains"
 VERSION = 1
 TEXT_FILES = ("forget", "retain")
 QUESTION_FILES = ("forget_questions", "retain_questions")
 EXPORT_HINT = (
-    "export it on a machine with hub access: `python -m recipes.export_wmdp {dir}` "
+    "export it on a machine with hub access: `python -m foundation.export_wmdp {dir}` "
     "(needs `pip install -e .[cluster]`; see docs/cluster.md)"
 )
 
@@ -123,7 +123,7 @@ def _read(directory: str | Path, stem: str, check, limit: int | None) -> list:
     expected = meta["files"].get(stem)
     if expected is None or not path.is_file():
         raise DomainStoreNotFoundError(f"{path} is missing from the export: " + EXPORT_HINT.format(dir=directory))
-    out = store_meta.read_jsonl(path, expected, "re-export it with recipes.export_wmdp",
+    out = store_meta.read_jsonl(path, expected, "re-export it with foundation.export_wmdp",
                                 check=lambda record, number: check(record, f"{path}:{number}"))
     return out if limit is None else out[:limit]
 

@@ -1,6 +1,6 @@
-"""``python -m recipes.export_wmdp <out dir>``: export TAR's WMDP-bio setting (Tamirisa et al., arXiv 2408.00761) from
+"""``python -m foundation.export_wmdp <out dir>``: export TAR's WMDP-bio setting (Tamirisa et al., arXiv 2408.00761) from
 the Hugging Face hub into the local store that :class:`datamodules.tar_wmdp.TamperWMDPDataModule` reads
-(:mod:`datamodules.wmdp_store`).
+(:mod:`foundation.wmdp_store`).
 
 Run it once on a machine with hub access and ``pip install -e .[cluster]`` (``datasets`` is a cluster-only
 dependency); training then needs only the exported directory, offline. A source is
@@ -29,8 +29,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from datamodules.wmdp_store import write_domain_store
-from recipes.hub_export import load_split, require_datasets, resolve_revision
+from foundation.wmdp_store import write_domain_store
+from foundation.hub_export import load_split, require_datasets, resolve_revision
 
 FORGET_TEXT = ("lapisrocks/biology-pile-labeled:train:txt_chunk:label=True",
                "lapisrocks/camel-bio:train:camel_ai_message_2_text_chunk")  # fmt: skip
@@ -153,7 +153,7 @@ def export(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m recipes.export_wmdp", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m foundation.export_wmdp", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path, help="output directory (e.g. data/wmdp_bio)")
     parser.add_argument("--forget-text", nargs="+", default=list(FORGET_TEXT), metavar="SOURCE",
                         help="forget-domain corpora (HUB_ID[@REV][#CONFIG]:SPLIT:COLUMN[:COL=VALUE])")

@@ -1,5 +1,5 @@
-"""``meta.json`` of the local exports of hub data (:mod:`datamodules.image_store`, :mod:`datamodules.text_store`,
-:mod:`datamodules.wmdp_store`).
+"""``meta.json`` of the local exports of hub data (:mod:`foundation.image_store`, :mod:`foundation.text_store`,
+:mod:`foundation.wmdp_store`).
 
 An exporter writes its data files first and ``meta.json`` last, atomically, so a directory with a ``meta.json`` is a
 finished export. Reading checks the format name and version, and a missing or unfinished export raises an error
@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from recipes.artifacts import atomic_open, atomic_write_text
+from foundation.artifacts import atomic_open, atomic_write_text
 
 
 class StoreNotFoundError(FileNotFoundError):

@@ -1,12 +1,12 @@
-"""``python -m recipes.export_images <hub dataset id> <out dir>``: export an image classification dataset from the
-Hugging Face hub into the local store that the image tasks read (:mod:`datamodules.image_store`).
+"""``python -m foundation.export_images <hub dataset id> <out dir>``: export an image classification dataset from the
+Hugging Face hub into the local store that the image tasks read (:mod:`foundation.image_store`).
 
 Run it once per dataset on a machine with hub access and ``pip install -e .[cluster]`` (``datasets`` is a
 cluster-only dependency); training then needs only the exported directory, offline. The fixed train and test splits
 are the dataset's own (``--train-split``/``--test-split``); images are resized once (CLIP's shorter-side bicubic
 resize and centre crop, 224 by default) and stored as ``uint8`` RGB. Class names come from the label column's
 ``ClassLabel`` feature (or ``--class-names``). The 8 tasks of task arithmetic / AdaMerging / DAM, with the hub
-copies fusion_bench evaluates on, are in :data:`CLIP8` (``python -m recipes.export_images --clip8 data/clip``).
+copies fusion_bench evaluates on, are in :data:`CLIP8` (``python -m foundation.export_images --clip8 data/clip``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from datamodules.image_store import write_image_store
-from recipes.hub_export import (
+from foundation.image_store import write_image_store
+from foundation.hub_export import (
     class_label_names,
     load_split,
     require_datasets,
@@ -65,7 +65,7 @@ def export(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m recipes.export_images", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m foundation.export_images", description=__doc__.split("\n\n")[0])
     parser.add_argument("hub_id", nargs="?", help="hub dataset id, e.g. tanganke/eurosat (omit with --clip8)")
     parser.add_argument("out_dir", type=Path, help="output directory (with --clip8: the parent of one per task)")
     parser.add_argument("--clip8", action="store_true", help="export the 8 CLIP tasks into out_dir/<task>")

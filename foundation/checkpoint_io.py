@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from recipes.artifacts import (
+from foundation.artifacts import (
     ArtifactError,
     atomic_open,
     atomic_write_text,
@@ -98,7 +98,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
     rewrite the sidecar): the protection against malicious files is ``weights_only=True``.
 
     Use ``Trainer(plugins=[SafeCheckpointIO()])``, or in a LightningCLI config
-    ``trainer: {plugins: [{class_path: recipes.checkpoint_io.SafeCheckpointIO}]}``.
+    ``trainer: {plugins: [{class_path: foundation.checkpoint_io.SafeCheckpointIO}]}``.
     """
 
     def save_checkpoint(

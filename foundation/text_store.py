@@ -1,7 +1,7 @@
 """A local store of text classification datasets exported from the hub (no Lightning, no ``datasets``).
 
 Cluster configs name hub datasets (W2SDefense's SST-2), but ``datasets`` is a cluster-only dependency and training
-nodes may have no hub access. ``python -m recipes.export_text`` therefore writes each dataset once into a directory
+nodes may have no hub access. ``python -m foundation.export_text`` therefore writes each dataset once into a directory
 of this format, and :func:`datamodules.sources.load_text_dataset` reads it with the standard library alone:
 
 ``<dir>/<split>.jsonl``
@@ -12,7 +12,7 @@ of this format, and :func:`datamodules.sources.load_text_dataset` reads it with 
     "splits": {split: {"file", "rows", "sha256"}}}``; written last, so a directory without it is an unfinished
     export. The reader checks each file's row count and SHA-256, so a truncated or edited file is refused.
 
-Every file is written atomically (:func:`recipes.artifacts.atomic_open`): an interrupted export never leaves a
+Every file is written atomically (:func:`foundation.artifacts.atomic_open`): an interrupted export never leaves a
 half-written file under its final name, and re-exporting removes ``meta.json`` first.
 """
 
@@ -23,14 +23,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from datamodules import store_meta
+from foundation import store_meta
 
 FORMAT = "safeweights-text-store"
 VERSION = 1
 SPLITS = ("train", "validation", "test")
 REQUIRED_SPLITS = ("train", "test")
 EXPORT_HINT = (
-    "export it on a machine with hub access: `python -m recipes.export_text SetFit/sst2 {dir} --label-names "
+    "export it on a machine with hub access: `python -m foundation.export_text SetFit/sst2 {dir} --label-names "
     "negative positive` (SST-2 as W2SDefense uses it; needs `pip install -e .[cluster]`; see docs/cluster.md)"
 )
 
@@ -103,7 +103,7 @@ def read_text_meta(directory: str | Path) -> dict:
     splits = set(meta.get("splits", {}))
     if not set(REQUIRED_SPLITS) <= splits <= set(SPLITS):
         raise TextStoreFormatError(f"{path} lists the splits {sorted(splits)}; a text store holds {SPLITS} (train and "
-                                   "test required): re-export with recipes.export_text")  # fmt: skip
+                                   "test required): re-export with foundation.export_text")  # fmt: skip
     return meta
 
 
@@ -126,7 +126,7 @@ def read_text_store(directory: str | Path) -> tuple[dict, dict[str, TextSplit]]:
             _check_row(row["text"], row["label"], num_classes, where)
             return row["text"], row["label"]
 
-        rows = store_meta.read_jsonl(path, record, "re-export it with recipes.export_text", TextStoreFormatError, check)
+        rows = store_meta.read_jsonl(path, record, "re-export it with foundation.export_text", TextStoreFormatError, check)
         texts, labels = [t for t, _ in rows], [y for _, y in rows]
         out[split] = TextSplit(texts, labels)
     return meta, out

@@ -1,4 +1,4 @@
-"""What the hub exporters (:mod:`recipes.export_images`, :mod:`recipes.export_text`, :mod:`recipes.export_wmdp`)
+"""What the hub exporters (:mod:`foundation.export_images`, :mod:`foundation.export_text`, :mod:`foundation.export_wmdp`)
 share: ``datasets`` as a cluster-only dependency, pinning a revision to the commit it resolves to, and loading one
 split with its columns checked. Training never imports this module; it reads the exported directories offline.
 """

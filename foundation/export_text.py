@@ -1,5 +1,5 @@
-"""``python -m recipes.export_text <hub dataset id> <out dir>``: export a text classification dataset from the Hugging
-Face hub into the local store that ``TextClassificationDataModule`` reads (:mod:`datamodules.text_store`).
+"""``python -m foundation.export_text <hub dataset id> <out dir>``: export a text classification dataset from the Hugging
+Face hub into the local store that ``TextClassificationDataModule`` reads (:mod:`foundation.text_store`).
 
 Run it once per dataset on a machine with hub access and ``pip install -e .[cluster]`` (``datasets`` is a
 cluster-only dependency); training then needs only the exported directory, offline. The fixed splits are the
@@ -11,7 +11,7 @@ sentence-level SST-2 of its ``data/sst-2/{train,dev,test}.json``, 6920 / 872 / 1
 sentences; ``dev`` selects the checkpoint, ``test`` gives CA and ASR. The hub copy with those splits and sizes is
 :data:`SST2` (``SetFit/sst2``, columns ``text``/``label``, no ``ClassLabel``)::
 
-    python -m recipes.export_text SetFit/sst2 data/sst2 --label-names negative positive
+    python -m foundation.export_text SetFit/sst2 data/sst2 --label-names negative positive
 
 GLUE's SST-2 (``stanfordnlp/sst2``) instead trains on 67k phrases and hides its test labels (``-1``); exporting it
 needs ``--text-column sentence --validation-split none --test-split validation`` (the 872 dev sentences then serve
@@ -25,8 +25,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from datamodules.text_store import write_text_store
-from recipes.hub_export import (
+from foundation.text_store import write_text_store
+from foundation.hub_export import (
     class_label_names,
     load_split,
     require_datasets,
@@ -83,7 +83,7 @@ def export(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m recipes.export_text", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m foundation.export_text", description=__doc__.split("\n\n")[0])
     parser.add_argument("hub_id", help=f"hub dataset id, e.g. {SST2['hub_id']} (W2SDefense's SST-2)")
     parser.add_argument("out_dir", type=Path, help="output directory")
     parser.add_argument("--config-name", default=None, help="dataset configuration, if the dataset has several")
