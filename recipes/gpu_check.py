@@ -3,7 +3,7 @@ memory, device placement and precision checked (``scripts/gpu_check.sh``; docs/c
 
 Each check takes a cluster config (``configs/``), stacks the trainer overlay it is meant for (FSDP for the 8B full
 fine-tuning runs, DDP for the federated ResNet-18, ...) and runs ``--steps`` training steps through the project's own
-CLI with a :class:`~recipes.gpu_probe.Probe` attached (what it asserts is listed there). Whatever the machine lacks is
+CLI with a :class:`~callbacks.gpu_probe.Probe` attached (what it asserts is listed there). Whatever the machine lacks is
 replaced, and each replacement is printed (:mod:`recipes.gpu_plan`, :mod:`recipes.standins`): hub backbones by the real architecture with random
 weights (``--layers N`` cuts the depth for a short check; with ``--layers`` the depth is cut even where the weights
 exist), exported data by synthetic data of the configured shapes, artifacts of earlier stages by random weights. The
@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from recipes.gpu_plan import Plan, declared_dtypes
-from recipes.gpu_probe import NO_MATMUL, Probe
+from callbacks.gpu_probe import NO_MATMUL, Probe
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS, TWINS = REPO / "configs", REPO / "tests" / "configs"

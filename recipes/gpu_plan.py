@@ -162,7 +162,7 @@ class Plan:
     def _cifar(self, args: dict, where: str) -> None:
         if args.get("dataset") != "cifar10":
             return
-        from recipes import assets
+        from foundation import assets
 
         try:
             assets.cifar10_files()

@@ -120,7 +120,7 @@ def words(rng: random.Random, n: int) -> str:
 
 def write_text_classification(directory: str | Path, sizes: dict[str, int], length: int, seed: int = 0) -> Path:
     """A text store (the SST-2 export's format) with ``sizes[split]`` rows of ``length`` words, labels alternating."""
-    from datamodules.text_store import write_text_store
+    from foundation.text_store import write_text_store
 
     rng = random.Random(seed)
     splits = {s: [(words(rng, length), i % 2) for i in range(n)] for s, n in sizes.items()}
@@ -128,9 +128,9 @@ def write_text_classification(directory: str | Path, sizes: dict[str, int], leng
 
 
 def write_domain(directory: str | Path, texts: int, questions: int, length: int, seed: int = 0) -> Path:
-    """A WMDP domain store (``recipes.export_wmdp``'s format): ``texts`` forget and retain texts of ``length`` words,
+    """A WMDP domain store (``foundation.export_wmdp``'s format): ``texts`` forget and retain texts of ``length`` words,
     ``questions`` 4-choice questions per side."""
-    from datamodules.wmdp_store import write_domain_store
+    from foundation.wmdp_store import write_domain_store
 
     rng = random.Random(seed)
 
@@ -179,7 +179,7 @@ def write_corpus(path: str | Path, lines: int, length: int, seed: int = 0) -> Pa
 
 def write_cifar10(cache: str | Path, per_batch: int, test: int, seed: int = 0) -> Path:
     """CIFAR-10 binary batches (``data_batch_1..5.bin`` of ``per_batch`` records, ``test_batch.bin``) under
-    ``cache/cifar10/cifar-10-batches-bin``, the layout :func:`recipes.assets.cifar10_files` reads with
+    ``cache/cifar10/cifar-10-batches-bin``, the layout :func:`foundation.assets.cifar10_files` reads with
     ``SAFEWEIGHTS_CACHE=cache``."""
     directory = Path(cache) / "cifar10" / "cifar-10-batches-bin"
     directory.mkdir(parents=True, exist_ok=True)
@@ -195,8 +195,8 @@ def write_cifar10(cache: str | Path, per_batch: int, test: int, seed: int = 0) -
 
 def write_images(directory: str | Path, train: int, test: int, image_size: int, classes: int = 10,
                  seed: int = 0) -> Path:  # fmt: skip
-    """An image store (``recipes.export_images``' format) of random RGB images already at ``image_size``."""
-    from datamodules.image_store import write_image_store
+    """An image store (``foundation.export_images``' format) of random RGB images already at ``image_size``."""
+    from foundation.image_store import write_image_store
 
     rng = np.random.default_rng(seed)
 
@@ -215,7 +215,7 @@ def write_clip_pool(directory: str | Path, vision_config: dict, tasks: int, num_
     offsets of std ``scale`` (``directory/task<k>``), as ``TaskFineTuning`` artifacts (``net.*`` keys). Returns the
     artifact paths."""
     from lightning_modules.nets.clip import CLIPImageClassifier
-    from recipes.artifacts import save_artifact
+    from foundation.artifacts import save_artifact
 
     directory = Path(directory)
     with torch.random.fork_rng():

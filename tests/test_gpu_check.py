@@ -14,7 +14,7 @@ from datamodules.sources import load_image_dataset
 from recipes import gpu_check, standins
 from recipes.gpu_plan import Plan
 from recipes.cli import main as cli_main
-from recipes.gpu_probe import NO_MATMUL, DeviceScan, Probe, module_tensors
+from callbacks.gpu_probe import NO_MATMUL, DeviceScan, Probe, module_tensors
 
 
 def test_cpu_mode_runs_every_single_process_check_on_the_twins(tmp_path, capsys):
