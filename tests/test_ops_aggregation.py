@@ -1,7 +1,7 @@
 """Tests for lightning_modules.ops.aggregation and lightning_modules.ops.fl_attacks.
 
 Hand-computed literal cases first, then oracle tests against Flower's
-``flwr.server.strategy.aggregate`` (skipped when ``flwr`` is not installed).
+``flwr.server.strategy.aggregate`` (``flwr`` is in the ``test`` extra; without it they skip with a printed reason).
 """
 
 from __future__ import annotations
@@ -382,7 +382,7 @@ def _flat(layers) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def flower():
-    pytest.importorskip("flwr")
+    pytest.importorskip("flwr", reason="the Flower cross-checks need flwr: pip install -e '.[test]'")
     from flwr.server.strategy import aggregate
 
     return aggregate
