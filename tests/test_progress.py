@@ -114,3 +114,21 @@ def test_reproduce_writes_under_runs_unless_out_is_given(monkeypatch):
     module.main(["backdoor", "--out", "docs/results"])
     assert calls == [(Path("runs/reproduce"), Path("runs/reproduce")), (Path("runs/x"), Path("runs/x")),
                      (Path("runs/reproduce"), Path("docs/results"))]  # fmt: skip
+
+
+def test_demo_is_the_fl_job_shortened_with_both_arms(monkeypatch):
+    """`make demo`: the config of `fl`'s stages with 30 rounds and the attack in rounds 15-24, FedAvg vs norm clip."""
+    from recipes.reproduce import _substitute, load_comparisons
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the stages' overlay paths are relative to the repository, as run_stage uses them
+    demo = load_comparisons()["demo"]
+    aggregators = []
+    for stage in demo.stages:
+        args = [f"--config={root / 'configs' / stage.config}", *[_substitute(a, 0, Path("runs")) for a in stage.overrides]]
+        cli = main(args, run=False)
+        assert cli.trainer.max_steps == 30
+        attack = cli.model.attack
+        assert (attack.start_round, attack.end_round, attack.malicious_clients) == (15, 25, [0])
+        aggregators.append(type(cli.model.aggregator).__name__)
+    assert aggregators == ["FedAvg", "NormClipping"]

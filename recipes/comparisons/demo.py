@@ -9,7 +9,7 @@ rounds 15-24 (still 10 attack rounds, still 5 rounds after it). Two arms: plain 
 
 from __future__ import annotations
 
-from recipes.reproduce import COMPARISONS, Comparison, Stage
+from recipes.reproduce import COMPARISONS, Comparison, Stage, bar_plot
 
 ROUNDS, ATTACK = 30, (15, 25)  # attack rounds 15..24 (end exclusive)
 _SHORT = [
@@ -29,10 +29,24 @@ COMPARISONS["demo"] = Comparison(
               ["--config=configs/fl/defenses/normclip.yaml", *_SHORT], _GROUP, "naive, norm clip"),
     ],
     columns={"test/acc": "final MA (%)", "curve/ba_attack_end": "BA at attack end (%)",
-             "curve/ba_peak": "peak BA (%)", "test/asr": "final BA (%)"},
+             "curve/ba_peak": "peak BA (%)", "test/asr": "final BA (%)", "curve/lifespan": "lifespan (rounds)"},
     seeds=(0,),
+    plain=("curve/lifespan",),
     notes=f"{ROUNDS} rounds; client 0 attacks in rounds {ATTACK[0]}-{ATTACK[1] - 1} (every round, half of each local "
     "batch triggered and relabelled to 0, 2 local epochs). MA: accuracy on the clean MNIST test set; BA: share of "
     "triggered non-target test digits classified as 0, evaluated every 5 rounds. A shortened form of "
     "`python -m recipes.reproduce fl`.",
 )
+
+
+def _plot(results: dict, path) -> None:
+    """MA and BA per round of both runs, attack window shaded (the ``fl`` comparison's plot), BA 50% dotted."""
+    try:
+        from recipes.reproduce import curves_plot
+    except ImportError:  # the plot helpers moved: the default bars still show the outcome
+        bar_plot(COMPARISONS["demo"], results, path)
+        return
+    curves_plot(COMPARISONS["demo"], results, path, 0.5)
+
+
+COMPARISONS["demo"].plot = _plot
