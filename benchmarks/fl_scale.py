@@ -141,7 +141,7 @@ def ours_child(args) -> dict:
     dm.setup("fit")
     setup_s = time.perf_counter() - t0
     net0 = job.net()
-    _, _, round1 = run_fit(job, net0, dm, 1)
+    _, _, round1 = run_fit(job, net0, dm, 1)  # warm-up of the process; the round-1 model for the check
     torch.save(round1.state_dict(), Path(args.workdir) / "ours_round1.pt")
     times, wall, net = run_fit(job, net0, dm, args.rounds)
     torch.save(net.state_dict(), Path(args.workdir) / "ours_final.pt")
@@ -173,14 +173,14 @@ def measure(clients: int, per_round: int, args, extra_path: list[str], log: Path
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(extra_path + [str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     try:
-        prepare_flower(job, args.rounds, workdir)
+        prepare_flower(job, args.rounds + 1, workdir)  # the first round is not timed (actor spin-up, warm-up)
         runs = {}
         order = ("ours", "flower") if (clients + per_round) % 2 else ("flower", "ours")  # alternate over cells
         for engine in order:
             if engine == "ours":
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--workdir", str(workdir),
                        "--config", str(args.config), "--clients", str(clients), "--per-round", str(per_round),
-                       "--rounds", str(args.rounds), "--local-steps", str(args.local_steps)]  # fmt: skip
+                       "--rounds", str(args.rounds + 1), "--local-steps", str(args.local_steps)]  # fmt: skip
                 res = run_sampled(cmd, env, args.sample_s, log)
                 res.update(json.loads(res.pop("stdout").strip().splitlines()[-1]))
                 timed = res["round_s"][1:] if len(res["round_s"]) > 1 else res["round_s"]
