@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         diffs32, edits32 = diffs, len(records)
     else:  # the bf16 drift is reported below; agreement is asserted in float32 on a few requests
         m.hparams.compute_dtype, edits32, out32 = "float32", min(args.check_edits, len(records)), {}
-        for name in ("batched", "reference"):
+        for name in names:
             m.hparams.update(variants[name])
             with torch.enable_grad():
                 out32[name] = m.compute_targets(records[:edits32])[0]
