@@ -42,10 +42,13 @@ COMPARISONS["demo"] = Comparison(
 def _plot(results: dict, path) -> None:
     """MA and BA per round of both runs, attack window shaded (the ``fl`` comparison's plot), BA 50% dotted."""
     try:
-        from recipes.reproduce import curves_plot
-    except ImportError:  # the plot helpers moved: the default bars still show the outcome
-        bar_plot(COMPARISONS["demo"], results, path)
-        return
+        from recipes.comparisons.fl import curves_plot  # where the FL comparison's helpers live
+    except ImportError:
+        try:
+            from recipes.reproduce import curves_plot
+        except ImportError:  # the default bars still show the outcome
+            bar_plot(COMPARISONS["demo"], results, path)
+            return
     curves_plot(COMPARISONS["demo"], results, path, 0.5)
 
 
