@@ -9,10 +9,10 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m recipes.reproduce fl --seeds 0 --only mnist/naive/fedavg mnist/naive/normclip --root runs/demo --out runs/demo
+	OMP_NUM_THREADS=1 $(PY) -m recipes.reproduce demo --root runs/demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q   # -rs (pyproject addopts): every skip prints its reason
 
 test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow"

@@ -1,5 +1,6 @@
-"""Shared pieces of the federated benchmarks: the experiment read from its config, the same seeds as the engine,
-machine-load notes, a markdown table and the JSON record under ``runs/bench/``.
+"""Shared pieces of the benchmarks: the federated experiment read from its config, the same seeds as the engine,
+peak memory of fresh processes (checked by ``/usr/bin/time -v``), machine-load notes, a markdown table and the
+JSON record (``runs/bench/`` unless ``--out``).
 
 Imported by ``benchmarks/fl_*.py`` after they put the repository root on ``sys.path``; nothing here times
 anything by itself.
@@ -162,6 +163,61 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+# ------------------------------------------------------------------------------------------- peak memory
+def peak_rss_kib() -> int:
+    """This process's own peak resident set size (KiB): ``VmHWM`` of ``/proc/self/status``.
+
+    Not ``getrusage(RUSAGE_SELF).ru_maxrss``: Linux carries the high-water mark of the address space a process
+    had before ``exec`` into it (``exec_mmap`` -> ``setmax_mm_hiwater_rss``), so a child started by a large
+    parent (``subprocess`` forks or vforks it) reports the parent's peak when that is larger. ``VmHWM`` belongs
+    to the address space that ``exec`` created, so it is the child's own.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    import resource  # not Linux: no /proc; ru_maxrss is the best there is
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def peak_rss_mb() -> float:
+    """:func:`peak_rss_kib` in MiB."""
+    return peak_rss_kib() / 1024
+
+
+TIME_V = "/usr/bin/time"
+
+
+def run_fresh(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None,
+              timeout: float | None = None) -> tuple[str, int | None]:  # fmt: skip
+    """Run ``cmd`` in a fresh process under GNU ``/usr/bin/time -v`` (when installed); return its stdout and the
+    peak RSS (KiB) that ``time`` reports from ``wait4`` (None without ``time``). ``time`` is a small process, so the child it forks does
+    not inherit this (large) process's high-water mark: an independent check of the child's own ``VmHWM``."""
+    import subprocess
+
+    timed = os.path.exists(TIME_V)
+    full = [TIME_V, "-v", *cmd] if timed else cmd
+    res = subprocess.run(full, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    rss = None
+    if timed:
+        for line in res.stderr.splitlines():
+            if "Maximum resident set size" in line:
+                rss = int(line.rsplit(":", 1)[1])
+    return res.stdout, rss
+
+
+def check_rss(own_mb: float, time_mb: float | None, what: str, tolerance: float = 0.05) -> str:
+    """One line comparing a child's ``VmHWM`` with ``/usr/bin/time -v``'s figure (same unit); raises if they
+    disagree by more than ``tolerance`` (relative): then one of the two is not the child's own peak."""
+    if time_mb is None:
+        return f"{what}: {own_mb:.0f} MB (VmHWM; /usr/bin/time not installed: apt-get install time to cross-check)"
+    if abs(own_mb - time_mb) > tolerance * max(own_mb, time_mb):
+        raise RuntimeError(f"{what}: VmHWM {own_mb:.0f} MB but /usr/bin/time -v {time_mb:.0f} MB")
+    return f"{what}: {own_mb:.0f} MB (VmHWM), {time_mb:.0f} MB (/usr/bin/time -v)"
+
+
 # ---------------------------------------------------------------------------------------------- reporting
 def machine_note() -> dict[str, Any]:
     """What else the machine is doing: load averages and the busiest other processes (from /proc)."""
@@ -197,7 +253,9 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def write_json(name: str, record: dict[str, Any], out: Path | None = None) -> Path:
-    path = out or OUT_DIR / f"{name}.json"
+    """Write ``record`` to ``out`` (a ``.json`` file, or a folder that gets ``<name>.json``), or ``runs/bench/``."""
+    out = Path(out) if out is not None else None
+    path = out if out is not None and out.suffix == ".json" else (out or OUT_DIR) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__")
                                else str(o)))  # fmt: skip

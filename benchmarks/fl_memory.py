@@ -1,7 +1,8 @@
 """Peak memory of 1,000 MNIST clients (issue 3, Performance; target < 2 GB RSS).
 
-Each measurement runs in a fresh child process and reads its own peak resident set size
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss``, with ``VmRSS``/``VmHWM`` from ``/proc/self/status``):
+Each measurement runs in a fresh child process and reads its own peak resident set size (``VmHWM`` of
+``/proc/self/status``; not ``ru_maxrss``, which a child inherits from its parent's address space), checked
+against the peak that ``/usr/bin/time -v`` reports for the same child (``benchmarks/_common.run_fresh``):
 
 * ``baseline``: imports torch and loads MNIST (the four IDX arrays as tensors, as ``load_image_dataset`` does);
 * ``imports``: the same plus every import the engine's process makes (Lightning, the project's packages);
@@ -20,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,8 +33,10 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._common import (
     DEFAULT_CONFIG,
     FLJob,
+    check_rss,
     machine_note,
     markdown_table,
+    run_fresh,
     write_json,
 )
 
@@ -44,8 +45,8 @@ MB = 1e6
 
 
 def memory() -> dict[str, float]:
-    """This process's peak (ru_maxrss, VmHWM) and current (VmRSS) resident memory, in MB."""
-    out = {"ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB}  # Linux: KiB
+    """This process's peak (VmHWM) and current (VmRSS) resident memory, in MB."""
+    out = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, value = line.partition(":")
         if key in ("VmHWM", "VmRSS"):
@@ -116,11 +117,11 @@ def child(mode: str, config: Path, num_clients: int, rounds: int) -> dict:
 def measure(mode: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--config", str(args.config),
            "--clients", str(args.clients), "--rounds", str(args.rounds)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"child {mode!r} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["peak_mb"] = max(max(s["ru_maxrss_mb"], s.get("VmHWM_mb", 0.0)) for s in result["stages"].values())
+    stdout, time_kib = run_fresh(cmd, cwd=ROOT)
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["peak_mb"] = max(s["VmHWM_mb"] for s in result["stages"].values())
+    result["time_v_peak_mb"] = time_kib * 1024 / MB if time_kib is not None else None
+    result["check"] = check_rss(result["peak_mb"], result["time_v_peak_mb"], mode)
     return result
 
 
@@ -152,7 +153,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     print(f"\nPeak RSS, each in a fresh process ({args.clients} MNIST clients, Dirichlet {job.alpha}, {args.rounds} "
           f"rounds at {job.clients_per_round} clients/round)\n")  # fmt: skip
     print(markdown_table(["process", "peak RSS MB", "minus baseline MB", f"< {TARGET_MB:.0f} MB"], rows))
-    stages = [[name, s["ru_maxrss_mb"], s.get("VmRSS_mb", float("nan"))]
+    print("\npeak RSS (MB = 1e6 bytes), each child's own VmHWM against /usr/bin/time -v:\n  "
+          + "\n  ".join(runs[m]["check"] for m in runs))
+    stages = [[name, s["VmHWM_mb"], s.get("VmRSS_mb", float("nan"))]
               for name, s in runs["federated"]["stages"].items()]  # fmt: skip
     print("\nStages of the federated process:\n")
     print(markdown_table(["after", "peak RSS MB so far", "current RSS MB"], stages))

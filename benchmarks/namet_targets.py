@@ -7,11 +7,17 @@ The same requests, model and hyperparameters (read from ``configs/namet/smollm2_
 - ``sequential+cache``: one request at a time, with the prefix cache (isolates the batching);
 - ``reference``: one request at a time on full sequences at every step, as ``memit/compute_z.py`` does.
 
-It asserts that the three give the same target vectors (to the compute dtype's precision) and prints the time
-per edit and the speed-ups. A second part times the second-moment statistics of the edited layers (one pass over
-``stats_tokens`` corpus tokens) and reports the process's peak memory before and after.
+It prints the time per edit, the speed-ups and each variant's distance to the reference, and asserts that the
+three agree in float32: within ``FLOAT32_TOL`` (relative; different summation orders of batched matmuls and the
+KV cache leave ~2e-5, a wrong target is O(1)). With a bfloat16 compute dtype (the configs' default) the timed
+variants differ by the bf16 rounding amplified over the optimisation steps (~5e-2 relative); that drift is
+reported, not asserted, and the float32 agreement is asserted on the first ``--check-edits`` requests in the
+same process. A second part times the second-moment statistics of the edited layers (one pass over
+``stats_tokens`` corpus tokens) in a fresh process and reports its own peak RSS (``VmHWM``) with the model loaded
+and after the statistics, checked against ``/usr/bin/time -v``.
 
     OMP_NUM_THREADS=1 python benchmarks/namet_targets.py --method memit --edits 32 --repeats 1
+    python benchmarks/namet_targets.py --edits 4 --dtype float32 --stats-tokens 2000 --out /tmp/bench   # smoke
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -27,9 +32,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import check_rss, peak_rss_mb, run_fresh, write_json  # noqa: E402
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+FLOAT32_TOL = 1e-4  # max ‖δ - δ_ref‖ / mean ‖δ‖ allowed between the variants in float32
+
+
+def relative_diffs(out: dict, ref: str = "reference") -> dict[str, float]:
+    """max over requests of ‖δ - δ_ref‖, over the mean ‖δ_ref‖, per variant."""
+    scale = out[ref].norm(dim=-1).mean()
+    return {k: float((v - out[ref]).norm(dim=-1).max() / scale) for k, v in out.items()}
+
+
+def assert_float32_agreement(diffs: dict[str, float], edits: int) -> None:
+    bad = {k: d for k, d in diffs.items() if not d <= FLOAT32_TOL}
+    if bad:
+        raise AssertionError(f"float32 target vectors of {edits} requests differ from the one-at-a-time reference: "
+                             f"{bad} (relative) > {FLOAT32_TOL}")
 
 
 def build(method: str, **overrides):
@@ -54,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stats-tokens", type=int, default=20_000, help="corpus tokens of the statistics part")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype (default: the config's)")
+    parser.add_argument("--check-edits", type=int, default=4,
+                        help="requests of the float32 agreement check when the compute dtype is bfloat16")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON file or folder (default runs/bench/namet_targets_<method>_<dtype>.json)")
     parser.add_argument("--stats-only", action="store_true", help="only the statistics part (run in a fresh process)")
     args = parser.parse_args(argv)
     if args.stats_only:
@@ -86,8 +108,18 @@ def main(argv: list[str] | None = None) -> int:
                 delta, _, _ = m.compute_targets(records)
             times[name].append(time.perf_counter() - start)
             out[name] = delta
-    scale = out["batched"].norm(dim=-1).mean()
-    diffs = {k: float((v - out["reference"]).norm(dim=-1).max() / scale) for k, v in out.items()}
+    diffs = relative_diffs(out)
+    dtype = m.hparams.compute_dtype
+    if dtype == "float32":
+        diffs32, edits32 = diffs, len(records)
+    else:  # the bf16 drift is reported below; agreement is asserted in float32 on a few requests
+        m.hparams.compute_dtype, edits32, out32 = "float32", min(args.check_edits, len(records)), {}
+        for name in names:
+            m.hparams.update(variants[name])
+            with torch.enable_grad():
+                out32[name] = m.compute_targets(records[:edits32])[0]
+        m.hparams.compute_dtype = dtype
+        diffs32 = relative_diffs(out32)
     rows = []
     for name in names:
         best = min(times[name])
@@ -98,20 +130,25 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|")
     for name, per, speed, diff in rows:
         print(f"| {name} | {per:.2f} | {speed:.2f}x | {diff:.1e} |")
+    if dtype != "float32":
+        print(f"\n{dtype} drift of the variants above (reported, not asserted); float32 on {edits32} requests: "
+              + ", ".join(f"{k} {v:.1e}" for k, v in diffs32.items()))
+    assert_float32_agreement(diffs32, edits32)
+    print(f"float32 agreement of the three variants within {FLOAT32_TOL:.0e}: OK ({edits32} requests)")
 
-    # statistics in a fresh process, so its peak memory is its own
-    import subprocess
-
+    # statistics in a fresh process, so its peak memory is its own (VmHWM), checked by /usr/bin/time -v
     cmd = [sys.executable, __file__, "--method", args.method, "--stats-only", "--stats-tokens", str(args.stats_tokens)]
-    stats = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    stdout, time_kib = run_fresh(cmd)
+    stats = json.loads(stdout.strip().splitlines()[-1])
+    stats["time_v_mb"] = time_kib / 1024 if time_kib is not None else None
     print(f"\nstatistics of layers {stats['layers']} over {args.stats_tokens} tokens of {stats['corpus']}: "
           f"{stats['seconds']:.1f} s ({args.stats_tokens / stats['seconds']:.0f} tokens/s); peak RSS "
-          f"{stats['rss_model_mb']:.0f} MB with the model loaded, {stats['rss_peak_mb']:.0f} MB after the statistics")
-    record = {"method": args.method, "edits": len(records), "dtype": m.hparams.compute_dtype, "times": times,
-              "diffs": diffs, "stats": stats, "peak_rss_mb": peak_rss_mb(), "load": [load, os.getloadavg()]}
-    out_dir = ROOT / "runs" / "bench"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"namet_targets_{args.method}_{m.hparams.compute_dtype}.json").write_text(json.dumps(record, indent=2))
+          f"{stats['rss_model_mb']:.0f} MiB with the model loaded, {stats['rss_peak_mb']:.0f} MiB after the statistics")
+    print("peak RSS of the statistics process, " + check_rss(stats["rss_peak_mb"], stats["time_v_mb"], "statistics"))
+    record = {"method": args.method, "edits": len(records), "dtype": dtype, "times": times, "diffs": diffs,
+              "float32_check": {"edits": edits32, "diffs": diffs32, "tolerance": FLOAT32_TOL}, "stats": stats,
+              "peak_rss_mb_this_process": peak_rss_mb(), "load": [load, os.getloadavg()]}  # fmt: skip
+    print(f"wrote {write_json(f'namet_targets_{args.method}_{dtype}', record, args.out)}")
     return 0
 
 

@@ -7,7 +7,9 @@ and the outer optimizer step. The reference here is a bare loop doing exactly th
 shapes, with no snapshot/restore, no gradient accumulation, no Lightning. Target: ratio <= 1.2x.
 
 Peak memory is measured in fresh processes (``--measure memory``): plain fine-tuning of the same trained
-parameters (AdamW, the same batch) vs TAR outer steps; peak RSS on CPU, ``max_memory_allocated`` on CUDA.
+parameters (AdamW, the same batch) vs TAR outer steps; on CPU the child's own peak RSS (``VmHWM``; not
+``ru_maxrss``, which a child inherits from this large parent), checked against ``/usr/bin/time -v``;
+``max_memory_allocated`` on CUDA.
 
     OMP_NUM_THREADS=1 python benchmarks/tar_outer_step.py                 # SmolLM2-135M, top 4 blocks, K = 8
     python benchmarks/tar_outer_step.py --tiny                            # a tiny random Llama (a smoke run)
@@ -17,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 import lightning as L
 import torch
 
+from benchmarks._common import check_rss, peak_rss_mb, run_fresh, write_json
 from datamodules.tar_facts import TamperFactsDataModule
 from lightning_modules.nets.split_lm import SplitCausalLM
 from lightning_modules.ops import tar as ops
@@ -149,7 +150,7 @@ def peak_memory(args) -> float:
             opt.step()
     if args.accelerator == "gpu":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()
 
 
 def main(argv=None) -> int:
@@ -163,6 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--measure", default="all", choices=["all", "time", "memory"])
     p.add_argument("--mode", default="tar", choices=["tar", "finetune"], help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON file or folder (default runs/bench/tar_outer_step[_tiny]_<accelerator>.json)")
     args = p.parse_args(argv)
     if args.accelerator == "cpu":
         torch.set_num_threads(1)
@@ -182,8 +185,11 @@ def main(argv=None) -> int:
                 "--k", str(args.k), "--tr-every", str(args.tr_every), "--batch-size", str(args.batch_size),
                 "--steps", str(args.steps), "--accelerator", args.accelerator, *(["--tiny"] if args.tiny else [])]
         for mode in ("finetune", "tar"):
-            res = subprocess.run([*base, "--mode", mode], capture_output=True, text=True, check=True)
-            out[f"peak_mb_{mode}"] = json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
+            stdout, time_kib = run_fresh([*base, "--mode", mode])
+            out[f"peak_mb_{mode}"] = json.loads(stdout.strip().splitlines()[-1])["peak_mb"]
+            if args.accelerator == "cpu":
+                out[f"time_v_mb_{mode}"] = time_kib / 1024 if time_kib is not None else None
+                out[f"check_{mode}"] = check_rss(out[f"peak_mb_{mode}"], out[f"time_v_mb_{mode}"], mode)
     out["load_after"] = list(__import__("os").getloadavg())
     print("| measure | TAR | reference | ratio |\n|---|---|---|---|")
     if "ratio" in out:
@@ -192,10 +198,12 @@ def main(argv=None) -> int:
     if "peak_mb_tar" in out:
         print(f"| peak memory (MB) | {out['peak_mb_tar']:.0f} | {out['peak_mb_finetune']:.0f} (plain fine-tuning) | "
               f"{out['peak_mb_tar'] / out['peak_mb_finetune']:.2f}x |")
+    for mode in ("finetune", "tar"):
+        if f"check_{mode}" in out:
+            print(f"peak RSS (MiB) of the fresh child, {out[f'check_{mode}']}")
     print(f"load average before {out['load_before']}, after {out['load_after']}")
-    dest = ROOT / "runs" / "bench"
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / f"tar_outer_step{'_tiny' if args.tiny else ''}_{args.accelerator}.json").write_text(json.dumps(out, indent=2))
+    name = f"tar_outer_step{'_tiny' if args.tiny else ''}_{args.accelerator}"
+    print(f"wrote {write_json(name, out, args.out)}")
     return 0
 
 

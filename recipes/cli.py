@@ -18,11 +18,17 @@ import lightning as L  # noqa: E402
 from lightning.pytorch.cli import ArgsType, LightningCLI  # noqa: E402
 from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
 
+from recipes.quiet import silence  # noqa: E402
+
+silence()  # Lightning's adverts and the known warnings, in one place (recipes/quiet.py)
+
 import callbacks  # noqa: E402,F401  (registers short class names)
+from callbacks.progress import install as install_progress  # noqa: E402
 from callbacks.preemption import CheckpointOnPreemption  # noqa: E402
 import datamodules  # noqa: E402,F401
 import lightning_modules  # noqa: E402,F401
 from recipes import __version__  # noqa: E402
+from recipes.overview import parser_kwargs  # noqa: E402
 from foundation.checkpoint_io import SafeCheckpointIO  # noqa: E402
 from recipes.renamed_keys import check_renamed_keys  # noqa: E402
 
@@ -50,6 +56,12 @@ class RecipeCLI(LightningCLI):
                     "class_path": "lightning.pytorch.loggers.CSVLogger",
                     "init_args": {"save_dir": root, "name": "", "version": name},
                 }
+        loggers = cfg["trainer"].get("logger")
+        for entry in loggers if isinstance(loggers, list) else []:  # configs/trainer/tensorboard.yaml
+            args = entry.get("init_args")
+            if args is not None and args.get("save_dir") == "{default_root_dir}":
+                args["save_dir"] = cfg["trainer"].get("default_root_dir") or "runs"
+                args["version"] = args.get("version") if args.get("version") is not None else name
 
     def instantiate_trainer(self, **kwargs):
         """Checkpoints are written atomically with a sha256 sidecar and read back with ``weights_only=True``
@@ -64,7 +76,7 @@ class RecipeCLI(LightningCLI):
                 callback.save_last = True
         if trainer.checkpoint_callbacks and not any(isinstance(c, CheckpointOnPreemption) for c in trainer.callbacks):
             trainer.callbacks.append(CheckpointOnPreemption())
-        return trainer
+        return install_progress(trainer)  # plain lines when stdout is not a terminal; final metrics table
 
 
 def main(args: ArgsType = None, run: bool = True) -> RecipeCLI:
@@ -78,7 +90,7 @@ def main(args: ArgsType = None, run: bool = True) -> RecipeCLI:
         auto_configure_optimizers=False,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"version": __version__, "default_env": False},
+        parser_kwargs={"version": __version__, "default_env": False, **parser_kwargs()},
         args=args,
         run=run,
     )

@@ -322,7 +322,7 @@ def reproduce(
     name: str,
     seeds: list[int] | None = None,
     root: Path = Path("runs/reproduce"),
-    out: Path = Path("docs/results"),
+    out: Path = Path("runs/reproduce"),
     tiny: bool = False,
     force: bool = False,
     only: list[str] | None = None,
@@ -374,13 +374,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", choices=sorted(load_comparisons()))
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the comparison's)")
     parser.add_argument("--root", type=Path, default=Path("runs/reproduce"), help="where runs and artifacts go")
-    parser.add_argument("--out", type=Path, default=Path("docs/results"), help="where the table and plot go")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the table and plot go (default: --root, beside the runs; "
+                             "`--out docs/results` refreshes the committed results)")
     parser.add_argument("--tiny", action="store_true", help="use the tiny twins in tests/configs (a smoke run)")
     parser.add_argument("--force", action="store_true", help="rerun stages that already have a result")
     parser.add_argument("--only", nargs="+", default=None,
                         help="run only the stages whose key starts with one of these (e.g. mnist)")
     args = parser.parse_args(argv)
-    reproduce(args.name, args.seeds, args.root, args.out, args.tiny, args.force, args.only)
+    out = args.out if args.out is not None else args.root
+    reproduce(args.name, args.seeds, args.root, out, args.tiny, args.force, args.only)
     return 0
 
 

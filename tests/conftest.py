@@ -10,6 +10,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def pytest_configure(config):
+    """The known warnings of recipes/quiet.py (pytest's own warning capture would show them again)."""
+    from recipes.quiet import KNOWN_WARNINGS
+
+    for pattern in KNOWN_WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore:{pattern}")
+
+
 @pytest.fixture(autouse=True)
 def _isolation(tmp_path, monkeypatch):
     torch.manual_seed(0)

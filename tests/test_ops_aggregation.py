@@ -1,7 +1,7 @@
 """Tests for lightning_modules.ops.aggregation and lightning_modules.ops.fl_attacks.
 
 Hand-computed literal cases first, then oracle tests against Flower's
-``flwr.server.strategy.aggregate`` (skipped when ``flwr`` is not installed).
+``flwr.server.strategy.aggregate`` (``flwr`` is in the ``test`` extra; without it they skip with a printed reason).
 """
 
 from __future__ import annotations
@@ -382,7 +382,7 @@ def _flat(layers) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def flower():
-    pytest.importorskip("flwr")
+    pytest.importorskip("flwr", reason="the Flower cross-checks need flwr: pip install -e '.[test]'")
     from flwr.server.strategy import aggregate
 
     return aggregate
@@ -415,3 +415,17 @@ def test_flower_krum(flower, f, to_keep, seed):
     agg, selected = krum(updates, f, num_selected=max(1, to_keep), weights=weights)
     _assert_flower(agg, flower.aggregate_krum(results, f, to_keep))
     assert len(set(selected.tolist())) == max(1, to_keep)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_engine_krum_weighted_is_flowers_multikrum_unweighted_is_the_papers(flower, seed):
+    """The engine's ``Krum`` aggregator passes the round's sample counts only with ``weighted=True``."""
+    from lightning_modules.federated import Krum
+
+    results, updates, weights = _flower_results(10, seed)
+    out, diag = Krum(num_malicious=2, num_selected=4, weighted=True).aggregate(updates, weights)
+    _assert_flower(out, flower.aggregate_krum(results, 2, 4))
+    plain, diag_plain = Krum(num_malicious=2, num_selected=4).aggregate(updates, weights)
+    torch.testing.assert_close(plain, updates[diag["admitted"]].mean(dim=0), rtol=1e-12, atol=1e-12)
+    assert torch.equal(diag["admitted"], diag_plain["admitted"])
+    assert not torch.allclose(plain, out)  # the counts differ, so the two averages do

@@ -85,13 +85,21 @@ class TrimmedMean(Aggregator):
 class Krum(Aggregator):
     """Krum, or Multi-Krum when ``num_selected > 1`` (Blanchard et al., NeurIPS 2017).
 
+    The selected updates are averaged with equal weights by default, as in the paper. Flower's Multi-Krum
+    weights them by the clients' sample counts (flwr 1.42.0, ``flwr/server/strategy/aggregate.py``,
+    ``aggregate_krum``: ``best_results = [results[i] for i in best_indices]`` / ``return aggregate(best_results)``,
+    and ``aggregate`` averages by ``num_examples``); ``weighted=True`` does the same. Krum (``num_selected=1``)
+    returns one update either way.
+
     Args:
         num_malicious: assumed number f of Byzantine clients per round; needs ``clients_per_round > 2f + 2``.
         num_selected: updates averaged (1: Krum).
+        weighted: average the selected updates by the clients' sample counts (Flower's Multi-Krum) instead of
+            the paper's plain mean.
     """
 
-    def __init__(self, num_malicious: int = 1, num_selected: int = 1):
-        self.num_malicious, self.num_selected = num_malicious, num_selected
+    def __init__(self, num_malicious: int = 1, num_selected: int = 1, weighted: bool = False):
+        self.num_malicious, self.num_selected, self.weighted = num_malicious, num_selected, weighted
 
     def check(self, num_clients_per_round: int) -> None:
         if num_clients_per_round <= 2 * self.num_malicious + 2:
@@ -103,7 +111,8 @@ class Krum(Aggregator):
             raise ValueError(f"Krum num_selected={self.num_selected} exceeds clients_per_round={num_clients_per_round}")
 
     def aggregate(self, updates, weights, generator=None):
-        out, selected = agg_ops.krum(updates, self.num_malicious, self.num_selected)
+        out, selected = agg_ops.krum(updates, self.num_malicious, self.num_selected,
+                                     weights if self.weighted else None)  # fmt: skip
         return out, {"admitted": selected}
 
 

@@ -95,6 +95,8 @@ class FederatedRecipe(BaseRecipe):
             sha256 is verified and it is recorded as this run's parent. Round numbers restart at 0.
     """
 
+    progress_step_name = "round"  # callbacks.progress prints "round 15/60", not "step 15/60"
+
     def __init__(
         self, net: nn.Module, clients_per_round: int = 10, local: LocalTrainer | None = None,
         aggregator: Aggregator | None = None, attack: Attack | None = None,
