@@ -9,6 +9,7 @@ subclass). Optimizers are injected (``auto_configure_optimizers=False``): each r
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 # Hub access is never needed at run time here: assets are local (see recipes/assets.py).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,13 +18,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L  # noqa: E402
 from lightning.pytorch.cli import ArgsType, LightningCLI  # noqa: E402
 from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
 import callbacks  # noqa: E402,F401  (registers short class names)
-from callbacks.preemption import CheckpointOnPreemption  # noqa: E402
+from callbacks.preemption import PREEMPTED_EXIT, CheckpointOnPreemption  # noqa: E402
 import datamodules  # noqa: E402,F401
 import lightning_modules  # noqa: E402,F401
 from recipes import __version__  # noqa: E402
 from recipes.checkpoint_io import SafeCheckpointIO  # noqa: E402
+from recipes import resume  # noqa: E402
 
 
 class RecipeCLI(LightningCLI):
@@ -33,22 +36,63 @@ class RecipeCLI(LightningCLI):
         parser.add_argument(
             "--run_name",
             type=str | None,
-            default=None,
-            help="name of the run directory under trainer.default_root_dir (the logger's version)",
+            default=resume.slurm_run_name(),
+            help="name of the run directory under trainer.default_root_dir (the logger's version); "
+            "--ckpt_path last resumes the run of this name. Default: the SLURM job id under SLURM, else a new version_N",
         )
+        parser.add_argument(
+            "--ckpt_hparams",
+            type=Literal["refuse", "config", "checkpoint"],
+            default="refuse",
+            help="when --ckpt_path stores other model hyper-parameters than the config: refuse (default, naming the "
+            "keys), keep the config's, or use the checkpoint's (LightningCLI's own behaviour)",
+        )
+
+    # --- resume (recipes/resume.py) --------------------------------------------------------------------------
+
+    def _manages_logger(self, cfg) -> bool:
+        logger = cfg["trainer"].get("logger")
+        return logger is None or logger is True
+
+    def _parse_ckpt_path(self) -> None:
+        """Resolves ``--ckpt_path last`` to the named run's newest checkpoint and checks the file (hash, weights-only
+        load, stored hyper-parameters) before anything is instantiated or written; see :func:`recipes.resume.plan_resume`.
+        LightningCLI's own step (applying the checkpoint's hyper-parameters) runs only with ``--ckpt_hparams checkpoint``."""
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        if resume.plan_resume(self.parser, self.config, sub, self._manages_logger(self.config[sub])) is not None:
+            super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         name = cfg.get("run_name")
-        if name:
+        if name and self._manages_logger(cfg):
             trainer = cfg["trainer"]
-            logger = trainer.get("logger")
-            if logger is None or logger is True:
-                root = trainer.get("default_root_dir") or "runs"
-                trainer["logger"] = {
-                    "class_path": "lightning.pytorch.loggers.CSVLogger",
-                    "init_args": {"save_dir": root, "name": "", "version": name},
-                }
+            root = trainer.get("default_root_dir") or "runs"
+            trainer["logger"] = {
+                "class_path": "recipes.resume.ResumableCSVLogger",
+                "init_args": {"save_dir": root, "name": "", "version": name},
+            }
+
+    def _install_resume(self, trainer: L.Trainer) -> None:
+        """Keeps everything of a named run in its directory: Lightning's SLURM ``hpc_ckpt_<n>.ckpt`` (written to
+        ``default_root_dir``) and the preemption checkpoint; rows of ``metrics.csv`` survive a resume."""
+        if isinstance(trainer.logger, resume.ResumableCSVLogger):
+            trainer._default_root_dir = trainer.logger.log_dir  # Lightning's hpc_save_path/hpc_resume_path read it
+            if not any(isinstance(c, resume.MetricsResumePoint) for c in trainer.callbacks):
+                trainer.callbacks.append(resume.MetricsResumePoint())
+        for callback in trainer.callbacks:
+            if isinstance(callback, CheckpointOnPreemption):
+                callback.resolve_dirpath(trainer)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """A preempted run (SIGTERM; its checkpoint saved by :class:`~callbacks.CheckpointOnPreemption`) exits with
+        status 143, not Lightning's 0, so a scheduler never reads it as a success."""
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            raise SystemExit(PREEMPTED_EXIT) from None
 
     def instantiate_trainer(self, **kwargs):
         """Checkpoints are written atomically with a sha256 sidecar and read back with ``weights_only=True``
@@ -63,6 +107,7 @@ class RecipeCLI(LightningCLI):
                 callback.save_last = True
         if trainer.checkpoint_callbacks and not any(isinstance(c, CheckpointOnPreemption) for c in trainer.callbacks):
             trainer.callbacks.append(CheckpointOnPreemption())
+        self._install_resume(trainer)
         return trainer
 
 
