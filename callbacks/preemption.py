@@ -53,6 +53,25 @@ class CheckpointOnPreemption(OnExceptionCheckpoint):
                 return
         self.dirpath = str(Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints")
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """A save during validation restarts that validation from its first batch on resume.
+
+        The progress counters say "batch 0 started, not processed": Lightning's own restart stage
+        ``RESTARTED_MID_EVALUATION`` then goes back and runs the validation again, from a fresh iterator. As saved,
+        they would say "k batches done": Lightning would skip the validation of that epoch (its metrics were not
+        logged yet, and torchmetrics' partial states are not in the checkpoint), losing that epoch's row.
+        """
+        if not getattr(self, "_in_validation", False):
+            return
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.val_loop.batch_progress")
+        if not progress:
+            return
+        total, current = progress["total"], progress["current"]
+        before = total["completed"] - current["completed"]  # batches of earlier validations
+        progress["total"] = {"ready": before + 1, "started": before + 1, "processed": before, "completed": before}
+        progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
+        progress["is_last_batch"] = False
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self.dirpath:
             self.resolve_dirpath(trainer)
@@ -60,6 +79,10 @@ class CheckpointOnPreemption(OnExceptionCheckpoint):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING or not self.dirpath:
             return
-        trainer.save_checkpoint(self.ckpt_path)
+        self._in_validation = trainer.validating
+        try:
+            trainer.save_checkpoint(self.ckpt_path)
+        finally:
+            self._in_validation = False
         self.saved_path = Path(self.ckpt_path)
         rank_zero_info(f"SIGTERM: saved {self.ckpt_path} at step {trainer.global_step}; resume with --ckpt_path last")

@@ -26,7 +26,7 @@ import datamodules  # noqa: E402,F401
 import lightning_modules  # noqa: E402,F401
 from recipes import __version__  # noqa: E402
 from recipes.checkpoint_io import SafeCheckpointIO  # noqa: E402
-from recipes import resume  # noqa: E402
+from recipes import errors, resume  # noqa: E402
 
 
 class RecipeCLI(LightningCLI):
@@ -78,6 +78,7 @@ class RecipeCLI(LightningCLI):
     def _install_resume(self, trainer: L.Trainer) -> None:
         """Keeps everything of a named run in its directory: Lightning's SLURM ``hpc_ckpt_<n>.ckpt`` (written to
         ``default_root_dir``) and the preemption checkpoint; rows of ``metrics.csv`` survive a resume."""
+        resume.quiet_lightning_resume_hints()
         if isinstance(trainer.logger, resume.ResumableCSVLogger):
             trainer._default_root_dir = trainer.logger.log_dir  # Lightning's hpc_save_path/hpc_resume_path read it
             if not any(isinstance(c, resume.MetricsResumePoint) for c in trainer.callbacks):
@@ -88,11 +89,32 @@ class RecipeCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         """A preempted run (SIGTERM; its checkpoint saved by :class:`~callbacks.CheckpointOnPreemption`) exits with
-        status 143, not Lightning's 0, so a scheduler never reads it as a success."""
+        status 143, not Lightning's 0, so a scheduler never reads it as a success. A launch that fails leaves no
+        empty run directory behind (a missing asset fails in ``prepare_data``, after the logger made it)."""
+        new_dirs = errors.missing_dirs(self.trainer.log_dir) if self.trainer.log_dir else []
         try:
             super()._run_subcommand(subcommand)
         except SIGTERMException:
             raise SystemExit(PREEMPTED_EXIT) from None
+        except BaseException:
+            if self.trainer.is_global_zero:
+                errors.remove_empty(new_dirs)
+            raise
+
+    # --- errors (recipes/errors.py) ----------------------------------------------------------------------------
+
+    def instantiate_classes(self) -> None:
+        """A value that a class refuses while being built (``rate: 1.5``) raises :class:`~recipes.errors.ConfigError`
+        with that class's own message, not jsonargparse's chain of wrappers that each repeat the config."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, OSError) as err:
+            root = err
+            while root.__cause__ is not None:
+                root = root.__cause__
+            if isinstance(root, errors.ONE_LINE) or not isinstance(root, (ValueError, OSError)):
+                raise
+            raise errors.ConfigError(errors.root_message(err)) from err
 
     def instantiate_trainer(self, **kwargs):
         """Checkpoints are written atomically with a sha256 sidecar and read back with ``weights_only=True``
@@ -119,9 +141,10 @@ def main(args: ArgsType = None, run: bool = True) -> RecipeCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
+        parser_class=errors.ShortErrorParser,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"version": __version__, "default_env": False},
+        parser_kwargs={"version": __version__, "default_env": False, "prog": "python -m recipes"},
         args=args,
         run=run,
     )

@@ -27,6 +27,7 @@ import csv
 import io
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -184,6 +185,15 @@ class MetricsResumePoint(pl.Callback):
         if logger is None or not trainer.is_global_zero or "metrics_rows" not in state_dict:
             return
         truncate_metrics(os.path.join(logger.log_dir, ExperimentWriter.NAME_METRICS_FILE), int(state_dict["metrics_rows"]))
+
+
+def quiet_lightning_resume_hints() -> None:
+    """Silences two Lightning warnings that mislead under this CLI: with an ``OnExceptionCheckpoint`` installed, a
+    fresh ``fit`` is turned into ``ckpt_path="last"`` ("The last model of the previous `fit` call will be used"),
+    then finds nothing ("no last checkpoint available ... HINT: Set save_last=True"). :func:`plan_resume` has
+    already decided: a fresh run never meets a checkpoint of its own, and ``last`` was resolved or reported."""
+    warnings.filterwarnings("ignore", message=r"`\.fit\(ckpt_path=None\)` was called without a model")
+    warnings.filterwarnings("ignore", message=r'\.fit\(ckpt_path="last"\) is set, but there is no last checkpoint')
 
 
 # --- the CLI's resume plan ------------------------------------------------------------------------------------
