@@ -90,15 +90,16 @@ class RecipeCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         """A preempted run (SIGTERM; its checkpoint saved by :class:`~callbacks.CheckpointOnPreemption`) exits with
         status 143, not Lightning's 0, so a scheduler never reads it as a success. A launch that fails leaves no
-        empty run directory behind (a missing asset fails in ``prepare_data``, after the logger made it)."""
+        run directory behind when it fails before its first step (a missing asset fails in ``prepare_data``,
+        after the logger made the directory)."""
         new_dirs = errors.missing_dirs(self.trainer.log_dir) if self.trainer.log_dir else []
         try:
             super()._run_subcommand(subcommand)
         except SIGTERMException:
             raise SystemExit(PREEMPTED_EXIT) from None
         except BaseException:
-            if self.trainer.is_global_zero:
-                errors.remove_empty(new_dirs)
+            if self.trainer.is_global_zero and self.trainer.global_step == 0:
+                errors.remove_new_run_dirs(new_dirs)
             raise
 
     # --- errors (recipes/errors.py) ----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 from typing import Callable, NoReturn, Optional
 
@@ -97,7 +98,7 @@ def run_main(main: Callable[[], object]) -> None:
 
 
 def missing_dirs(path: str | os.PathLike) -> list[str]:
-    """``path`` and those of its parents that do not exist yet, deepest first (see :func:`remove_empty`)."""
+    """``path`` and those of its parents that do not exist yet, deepest first (see :func:`remove_new_run_dirs`)."""
     out, path = [], os.path.abspath(path)
     while not os.path.exists(path) and os.path.dirname(path) != path:
         out.append(path)
@@ -105,9 +106,10 @@ def missing_dirs(path: str | os.PathLike) -> list[str]:
     return out
 
 
-def remove_empty(dirs: list[str]) -> None:
-    """Removes each directory of ``dirs`` (deepest first) that holds no file, so a failed launch leaves none behind."""
+def remove_new_run_dirs(dirs: list[str]) -> None:
+    """Removes the directories of ``dirs`` (from :func:`missing_dirs`, deepest first) after a launch that failed
+    before it trained: whatever is in them (an empty log dir, a logger's first event file, a config) was written
+    by that launch alone and describes no run. A directory holding a checkpoint is kept."""
     for d in dirs:
-        if os.path.isdir(d) and not any(files for _, _, files in os.walk(d)):
-            for root, subdirs, _ in sorted(os.walk(d), key=lambda t: -len(t[0])):
-                os.rmdir(root)
+        if os.path.isdir(d) and not any(f.endswith(".ckpt") for _, _, files in os.walk(d) for f in files):
+            shutil.rmtree(d)
