@@ -146,7 +146,17 @@ class ResumableCSVLogger(CSVLogger):
 
     Use it with :class:`MetricsResumePoint` (the CLI installs both), which cuts rows written after the resumed
     checkpoint. A fresh run never reuses a directory with checkpoints (the CLI refuses), so appending is safe.
+
+    Args:
+        save_dir: Root directory of the runs.
+        name: Sub-directory of ``save_dir`` (``""``: none).
+        version: The run's directory name. A string, always: CSVLogger's ``Union[int, str]`` would turn a SLURM job
+            id such as ``4242`` into ``version_4242``.
+        **kwargs: Other ``CSVLogger`` arguments.
     """
+
+    def __init__(self, save_dir: str, name: str = "lightning_logs", version: Optional[str] = None, **kwargs: Any):
+        super().__init__(save_dir=save_dir, name=name, version=version, **kwargs)
 
     @property
     def experiment(self) -> ExperimentWriter:
