@@ -81,7 +81,7 @@ class CheckpointOnPreemption(OnExceptionCheckpoint):
             return
         self._in_validation = trainer.validating
         try:
-            trainer.save_checkpoint(self.ckpt_path)
+            trainer.save_checkpoint(self.ckpt_path, weights_only=False)  # the full training state, said explicitly
         finally:
             self._in_validation = False
         self.saved_path = Path(self.ckpt_path)

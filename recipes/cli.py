@@ -120,7 +120,7 @@ class RecipeCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         """Checkpoints are written atomically with a sha256 sidecar and read back with ``weights_only=True``
         (:class:`~recipes.checkpoint_io.SafeCheckpointIO`), ``last.ckpt`` is kept so ``--ckpt_path last``
-        resumes an interrupted run, and SIGTERM saves it first (:class:`~callbacks.CheckpointOnPreemption`).
+        resumes an interrupted run, and SIGTERM saves ``preempted.ckpt`` (:class:`~callbacks.CheckpointOnPreemption`).
         A config that sets its own checkpoint plugin, ``save_last`` or preemption callback wins."""
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
