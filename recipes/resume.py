@@ -82,8 +82,9 @@ def check_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is not a readable checkpoint ({type(err).__name__}: {' '.join(str(err).split())[:200]}): it is "
             "truncated or corrupted; resume from another checkpoint of the run"
         ) from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ArtifactError(f"{path} is a torch file but not a Lightning checkpoint (no state_dict): pass a .ckpt")
+    missing = [k for k in ("state_dict", "pytorch-lightning_version") if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise ArtifactError(f"{path} is a torch file but not a Lightning checkpoint (no {', '.join(missing)}): pass a .ckpt")
     return checkpoint
 
 
@@ -259,7 +260,7 @@ def plan_resume(parser: Any, config: Any, subcommand: str, manages_logger: bool)
         dumped = yaml.safe_load(parser.dump(config, skip_link_targets=False, skip_none=False, format="yaml"))
         diffs = hparams_differences(dict(stored), dumped[subcommand].get("model") or {})
         if diffs:
-            listed = ", ".join(f"{k}: config {a!r} vs checkpoint {b!r}" for k, b_a in diffs.items() for a, b in [b_a])
+            listed = ", ".join(f"{k}: config {ours!r} vs checkpoint {theirs!r}" for k, (ours, theirs) in diffs.items())
             raise ResumeError(
                 f"{ckpt} was trained with other hyper-parameters ({listed}): make the config match, or pass "
                 "--ckpt_hparams config (keep the config's) or --ckpt_hparams checkpoint (use the checkpoint's)"
