@@ -58,7 +58,7 @@ def load_mnist() -> dict:
     """The four MNIST arrays as torch tensors, as ``datamodules.sources.load_image_dataset`` builds them."""
     import torch
 
-    from recipes.assets import mnist_files, read_idx
+    from foundation.assets import mnist_files, read_idx
 
     arrays = {k: torch.from_numpy(read_idx(p).copy()) for k, p in mnist_files("mnist").items()}
     return {k: (v.long() if k.endswith("labels") else v) for k, v in arrays.items()}

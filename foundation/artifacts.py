@@ -327,8 +327,8 @@ def safe_torch_load(
     with refuse_unsafe_pickles(path, safe_globals, fix):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
-        except (RuntimeError, EOFError) as err:
-            raise ArtifactError(f"{path} is not a readable torch.save file ({err}): it is corrupted") from None
+        except (RuntimeError, EOFError, OSError) as err:  # a truncated zip: OSError [Errno 22] Invalid argument
+            raise ArtifactError(f"{path} is not a readable torch.save file ({err}): it is truncated or corrupted") from None
 
 
 def _main(argv: list[str] | None = None) -> int:

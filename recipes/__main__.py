@@ -1,3 +1,4 @@
 from recipes.cli import main
+from recipes.errors import run_main
 
-main()
+run_main(main)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -69,6 +70,7 @@ def _substitute(arg: str, seed: int, root: Path) -> str:
 def run_stage(stage: Stage, seed: int, root: Path, config_root: Path, force: bool = False) -> dict:
     """Run (or load the cached result of) one stage for one seed; return ``{"metrics": ..., "seconds": ...}``."""
     from recipes.cli import main
+    from recipes.resume import resume_candidates
 
     run_dir = root / stage.key / f"seed{seed}"
     result_file = run_dir / "result.json"
@@ -82,6 +84,10 @@ def run_stage(stage: Stage, seed: int, root: Path, config_root: Path, force: boo
         f"--run_name=seed{seed}",
         *[_substitute(a, seed, root) for a in stage.overrides],
     ]
+    if force and run_dir.exists():
+        shutil.rmtree(run_dir)  # --force: a fresh run (the CLI never starts one over a run's checkpoints)
+    elif resume_candidates(run_dir):
+        args.append("--ckpt_path=last")  # a stage that was interrupted (no result yet) continues
     start = time.perf_counter()
     cli = main(args)
     cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)

@@ -52,13 +52,14 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_is_bit_identical(tmp_pat
     preempted = CheckpointOnPreemption()
     with pytest.raises(SIGTERMException):  # round 3 of 6: in the middle of the second evaluation period
         trainer_for(tmp_path / "run", 6, curves, preempted, SigtermAfter(3)).fit(make_recipe(attack=attack()), make_dm())
-    assert preempted.saved_path == tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert preempted.saved_path == tmp_path / "run" / "checkpoints" / "preempted.ckpt"
     ckpt = SafeCheckpointIO().load_checkpoint(preempted.saved_path)
     assert ckpt["global_step"] == 3
 
     resumed_curves = RoundCurves(every_validation=False)
     resumed = make_recipe(attack=attack())
-    trainer = trainer_for(tmp_path / "run", 6, resumed_curves, CheckpointOnPreemption())
+    # Lightning's own ckpt_path="last" takes the newest of last.ckpt and the OnExceptionCheckpoint's file
+    trainer = trainer_for(tmp_path / "run", 6, resumed_curves, CheckpointOnPreemption(str(tmp_path / "run" / "checkpoints")))
     trainer.fit(resumed, make_dm(), ckpt_path="last")
     assert trainer.global_step == 6
     assert torch.equal(flat(resumed.net), flat(reference.net)), "resume after SIGTERM must be bit-identical"
