@@ -73,9 +73,9 @@ from lightning_modules.merging import (  # noqa: E402
 
 __all__ += ["AdaMerging", "DAM", "Dare", "MergeRecipe", "MergeRule", "TaskArithmetic", "TaskFineTuning", "Ties"]
 
-from lightning_modules.w2sdefense import PEFTUnlearning, ProjectedTeacher, W2SDefense  # noqa: E402
+from lightning_modules.w2sdefense import PEFTUnlearning, ProjectedTeacher, W2SDefense, W2SDefenseBroadcast  # noqa: E402
 
-__all__ += ["PEFTUnlearning", "ProjectedTeacher", "W2SDefense"]
+__all__ += ["PEFTUnlearning", "ProjectedTeacher", "W2SDefense", "W2SDefenseBroadcast"]
 
 from lightning_modules.nets.split_lm import SplitCausalLM  # noqa: E402
 from lightning_modules.tamper import TamperAttack  # noqa: E402

@@ -19,10 +19,20 @@ inputs pulls the student's features and outputs away from what the backdoor reli
 - :class:`W2SDefense` adds the frozen teacher and the KD and feature-alignment terms
   (:mod:`lightning_modules.ops.distill`).
 
-Fix of the official code: it aligned the teacher's ``[B, d]`` features to the student's *unpooled*
-``hidden_states[-1]`` ``[B, T, d]``, which broadcasts only when ``T == B`` or ``T == 1``. Here the student's
-final-layer features are pooled first (``pooling``: by default the last non-padding token, the token a decoder's
-classification head reads, under left or right padding), and mismatched shapes raise an error.
+The feature-alignment term is the official one, the mean *squared* distance (``contrastive_loss`` in
+``shuaizhao95/w2sdefense`` at commit 628478cf73ed55d1fddfc03ca75a5fb3976f3a68, ``word/unlearning.py`` lines 72-75;
+quoted in :mod:`lightning_modules.ops.distill`). What it is computed between comes in two named forms:
+
+- :class:`W2SDefense` (per-sample, pooled): each sample's final-layer student feature, pooled at the token the
+  classification head reads (``pooling``; by default the last non-padding token, under left or right padding),
+  against that sample's own teacher feature. This is the paper's description.
+- :class:`W2SDefenseBroadcast` (official broadcast): what the official lines compute. The teacher returns its
+  projected features ``[B, d]`` under the key ``'hidden_states'`` (``word/bert_plus.py`` line 31, ``output =
+  {'logits': logits, 'hidden_states': transformed_hidden_output}``), and ``unlearning.py`` line 95,
+  ``teacher_hidden_states = teacher_logits_out['hidden_states'][-1]``, takes its *last row*, the last sample's
+  ``[d]`` vector; line 98 keeps the student's unpooled ``hidden_states[-1]`` ``[B, T, d]``, and
+  ``F.pairwise_distance`` broadcasts one against the other for any ``T``. Every token of every sample, padding
+  included, is pulled toward that one teacher vector.
 
 Both models read the same text: each training batch of student tokens is decoded with the DataModule's tokenizer
 and re-tokenized with the teacher's (so the teacher sees the student's truncated text, nothing more).
@@ -137,6 +147,10 @@ class PEFTUnlearning(ClassifierRecipe):
         optimizer: optimizer factory (called with the adapters and head).
         scheduler: optional learning-rate scheduler factory.
         label_smoothing: label smoothing of the cross-entropy loss.
+        restore_best_val: keep the trainable weights (adapters and head) of the epoch with the highest clean
+            validation accuracy and restore them when training ends, before testing and export: the official
+            best-dev checkpoint (``word/unlearning.py`` at 628478c, lines 128-130: ``if dev_clean_acc >
+            best_dev_acc: torch.save(model.state_dict(), ...)``). Needs validation every epoch.
     """
 
     def __init__(
@@ -149,11 +163,14 @@ class PEFTUnlearning(ClassifierRecipe):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         label_smoothing: float = 0.0,
+        restore_best_val: bool = False,
     ):
         super().__init__(net, optimizer, scheduler, label_smoothing)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "lora"])
         self.suspect, self.suspect_sha256, self.require_clean_data = suspect, suspect_sha256, require_clean_data
         self.lora = lora if lora is not None else LoraSpec()
+        self.restore_best_val = restore_best_val
+        self._best: dict | None = None  # {"val_acc", "epoch", "state"} of the best validation epoch so far
         self._parents: list[dict] = []
         self._adapted = False
 
@@ -181,11 +198,33 @@ class PEFTUnlearning(ClassifierRecipe):
                 "built), or require_clean_data: false"
             )
 
+    def on_validation_end(self) -> None:
+        if not self.restore_best_val or self.trainer.sanity_checking:
+            return
+        acc = self.trainer.callback_metrics.get("val/acc")
+        if acc is None:
+            raise RuntimeError("restore_best_val needs the clean validation accuracy val/acc: give the DataModule a "
+                               "validation set and do not set limit_val_batches: 0")  # fmt: skip
+        if self._best is None or float(acc) > self._best["val_acc"]:
+            state = {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+            self._best = {"val_acc": float(acc), "epoch": self.current_epoch, "state": state}
+
+    def on_train_end(self) -> None:  # before on_fit_end, where ExportArtifact writes the weights
+        if self._best is None:
+            return
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, value in self._best["state"].items():
+                params[name].copy_(value)
+
     def artifact_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if k.startswith("net.")}
 
     def artifact_metadata(self) -> dict:
-        return {**super().artifact_metadata(), "defense": {"type": type(self).__name__}}
+        defense = {"type": type(self).__name__}
+        if self._best is not None:
+            defense["restored_best_val"] = {"val_acc": self._best["val_acc"], "epoch": self._best["epoch"]}
+        return {**super().artifact_metadata(), "defense": defense}
 
     def artifact_parents(self) -> list[dict]:
         return list(self._parents)
@@ -196,9 +235,9 @@ class W2SDefense(PEFTUnlearning):
 
     The teacher is loaded from its artifact, frozen and kept in eval mode. Per training batch the loss is
     ``ce_weight * CE + kd_weight * KD_T + feature_weight * FA`` with KD the soft-target KL divergence at
-    ``temperature`` and FA the mean distance between the student's pooled final-layer features and the teacher's
-    projected features (:mod:`lightning_modules.ops.distill`). Each term is logged (``train/ce``, ``train/kd``,
-    ``train/fa``).
+    ``temperature`` and FA the official mean squared distance, here between the student's pooled final-layer
+    features and each sample's projected teacher features (:meth:`feature_term`; :class:`W2SDefenseBroadcast` is the
+    official code's broadcast form). Each term is logged (``train/ce``, ``train/kd``, ``train/fa``).
 
     Args:
         net: see :class:`PEFTUnlearning`.
@@ -220,6 +259,7 @@ class W2SDefense(PEFTUnlearning):
         require_clean_data: see :class:`PEFTUnlearning`.
         optimizer: see :class:`PEFTUnlearning`.
         scheduler: see :class:`PEFTUnlearning`.
+        restore_best_val: see :class:`PEFTUnlearning`.
     """
 
     def __init__(
@@ -241,8 +281,10 @@ class W2SDefense(PEFTUnlearning):
         require_clean_data: bool = True,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
+        restore_best_val: bool = False,
     ):
-        super().__init__(net, suspect, suspect_sha256, lora, require_clean_data, optimizer, scheduler)
+        super().__init__(net, suspect, suspect_sha256, lora, require_clean_data, optimizer, scheduler,
+                         restore_best_val=restore_best_val)  # fmt: skip
         self.save_hyperparameters(ignore=["net", "teacher", "optimizer", "scheduler", "lora"])
         if min(ce_weight, kd_weight, feature_weight) < 0 or not temperature > 0:
             raise ValueError(
@@ -296,6 +338,13 @@ class W2SDefense(PEFTUnlearning):
         )
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
+    def feature_term(
+        self, student_tokens: torch.Tensor, attention_mask: torch.Tensor, teacher_features: torch.Tensor
+    ) -> torch.Tensor:
+        """FA of one batch: each sample's pooled student feature against its own teacher feature, squared distance."""
+        student_features = distill.pool_features(student_tokens, attention_mask, self.pooling)
+        return distill.feature_alignment(student_features, teacher_features)
+
     def distillation_losses(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> dict[str, torch.Tensor]:
@@ -305,8 +354,7 @@ class W2SDefense(PEFTUnlearning):
         with torch.no_grad():
             teacher_features, teacher_logits = self.teacher.features_and_logits(*self.teacher_inputs(input_ids))
         losses["kd"] = distill.kd_loss(out.logits, teacher_logits, self.temperature)
-        student_features = distill.pool_features(out.hidden_states[-1], attention_mask, self.pooling)
-        losses["fa"] = distill.feature_alignment(student_features, teacher_features)
+        losses["fa"] = self.feature_term(out.hidden_states[-1], attention_mask, teacher_features)
         losses["loss"] = self.ce_weight * losses["ce"] + self.kd_weight * losses["kd"] + self.feature_weight * losses["fa"]
         losses["acc"] = (out.logits.argmax(-1) == labels).float().mean()
         return losses
@@ -317,3 +365,15 @@ class W2SDefense(PEFTUnlearning):
         self.log("train/loss", losses["loss"], prog_bar=True)
         self.log_dict({f"train/{k}": losses[k].detach() for k in ("ce", "kd", "fa", "acc")})
         return losses["loss"]
+
+
+class W2SDefenseBroadcast(W2SDefense):
+    """W2SDefense with the official code's feature term as its shapes make it (see the module docstring): the last
+    sample's teacher feature broadcast against every final-layer token state of every student sequence, padding
+    included (:func:`~lightning_modules.ops.distill.broadcast_feature_alignment`). ``pooling`` is not used.
+    """
+
+    def feature_term(
+        self, student_tokens: torch.Tensor, attention_mask: torch.Tensor, teacher_features: torch.Tensor
+    ) -> torch.Tensor:
+        return distill.broadcast_feature_alignment(student_tokens, teacher_features)

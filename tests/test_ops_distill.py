@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.ops.distill import feature_alignment, kd_loss, pool_features
+from lightning_modules.ops.distill import broadcast_feature_alignment, feature_alignment, kd_loss, pool_features
 
 # token t of sequence b has feature [10 b + t, -(10 b + t)], so the pooled value names the token it came from
 HIDDEN = torch.tensor([[[10.0 * b + t, -(10.0 * b + t)] for t in range(4)] for b in range(2)])
@@ -98,7 +98,8 @@ def test_kd_and_feature_terms_vanish_when_student_equals_teacher(shape, temperat
     g = torch.Generator().manual_seed(0)
     logits, features = torch.randn(*shape, generator=g), torch.randn(shape[0], 16, generator=g)
     assert kd_loss(logits, logits.clone(), temperature).item() == pytest.approx(0.0, abs=1e-7)
-    assert feature_alignment(features, features.clone()).item() == 0.0
+    # F.pairwise_distance's eps (1e-6, added to the difference) leaves 16 * 1e-12
+    assert feature_alignment(features, features.clone()).item() == pytest.approx(0.0, abs=1e-10)
 
 
 def test_kd_loss_is_positive_and_its_gradient_reaches_only_the_student():
@@ -125,28 +126,65 @@ def test_kd_loss_rejects_bad_input(student, teacher, temperature, match):
 
 
 FA_CASES = [
-    # distances 5 (3-4-5 triangle) and 0: mean 2.5
-    ([[0.0, 0.0], [1.0, 1.0]], [[3.0, 4.0], [1.0, 1.0]], 2.5),
-    ([[1.0, 2.0, 2.0]], [[0.0, 0.0, 0.0]], 3.0),
-    ([[-1.0, 0.0], [0.0, 2.0]], [[1.0, 0.0], [0.0, -2.0]], 3.0),
+    # squared distances 25 (3-4-5 triangle) and 0: mean 12.5
+    ([[0.0, 0.0], [1.0, 1.0]], [[3.0, 4.0], [1.0, 1.0]], 12.5),
+    # 1 + 4 + 4 = 9
+    ([[1.0, 2.0, 2.0]], [[0.0, 0.0, 0.0]], 9.0),
+    # (2^2) and (4^2): mean 10
+    ([[-1.0, 0.0], [0.0, 2.0]], [[1.0, 0.0], [0.0, -2.0]], 10.0),
 ]
 
 
 @pytest.mark.parametrize("student,teacher,expected", FA_CASES)
-def test_feature_alignment_hand_computed(student, teacher, expected):
-    assert feature_alignment(torch.tensor(student), torch.tensor(teacher)).item() == pytest.approx(expected)
+def test_feature_alignment_is_the_mean_squared_distance(student, teacher, expected):
+    assert feature_alignment(torch.tensor(student), torch.tensor(teacher)).item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_feature_alignment_matches_torch_pairwise_distance():
-    """The official code's F.pairwise_distance(...).mean(), without its eps (which makes equal features nonzero)."""
+BROADCAST_CASES = [
+    # (student tokens [B, T, D], teacher features [B, D], expected): only the teacher's LAST row counts, and every
+    # token position of every sequence (padding too: no mask is read) is one term of the mean.
+    # teacher[-1] = (0, 0): squared norms 0, 25 | 2, 4 -> 31 / 4
+    ([[[0.0, 0.0], [3.0, 4.0]], [[1.0, 1.0], [0.0, 2.0]]], [[9.0, 9.0], [0.0, 0.0]], 7.75),
+    # teacher[-1] = (1, 1) against 3 tokens of one sequence: 0, 1, 8 -> 3
+    ([[[1.0, 1.0], [1.0, 2.0], [3.0, 3.0]]], [[1.0, 1.0]], 3.0),
+    # T = 1 and B = 3: teacher[-1] = (2,) against 1, 2, 5 -> (1 + 0 + 9) / 3
+    ([[[1.0]], [[2.0]], [[5.0]]], [[100.0], [-7.0], [2.0]], 10.0 / 3),
+]
+
+
+@pytest.mark.parametrize("student,teacher,expected", BROADCAST_CASES)
+def test_broadcast_feature_alignment_pulls_every_token_to_the_last_teacher_vector(student, teacher, expected):
+    got = broadcast_feature_alignment(torch.tensor(student), torch.tensor(teacher))
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_broadcast_alignment_is_the_official_expression():
+    """The official lines, written out: contrastive_loss(teacher['hidden_states'][-1], student.hidden_states[-1])."""
+    g = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(4, 7, 5, generator=g), torch.randn(4, 5, generator=g)
+    official = torch.mean(torch.pow(F.pairwise_distance(teacher[-1], student), 2))
+    torch.testing.assert_close(broadcast_feature_alignment(student, teacher), official)
+    # it differs from the per-sample pooled term: a different teacher row for the first samples changes nothing
+    changed = teacher.clone()
+    changed[:-1] += 10.0
+    torch.testing.assert_close(broadcast_feature_alignment(student, changed), official)
+    assert feature_alignment(student[:, -1], changed) != feature_alignment(student[:, -1], teacher)
+
+
+def test_feature_alignment_matches_torch_pairwise_distance_squared():
     g = torch.Generator().manual_seed(2)
     student, teacher = torch.randn(6, 9, generator=g), torch.randn(6, 9, generator=g)
-    torch.testing.assert_close(feature_alignment(student, teacher), F.pairwise_distance(student, teacher, eps=0).mean())
+    reference = (teacher - student + 1e-6).pow(2).sum(-1).mean()  # pairwise_distance's eps is added to the difference
+    torch.testing.assert_close(feature_alignment(student, teacher), reference)
 
 
 def test_feature_alignment_refuses_unpooled_student_states():
-    """The official code's shape bug: [B, T, D] student states against [B, D] teacher features."""
+    """The per-sample term needs pooled [B, D] student features (broadcast_feature_alignment takes [B, T, D])."""
     with pytest.raises(ValueError, match="pool the student"):
         feature_alignment(torch.zeros(2, 2, 8), torch.zeros(2, 8))
     with pytest.raises(ValueError, match="hidden size"):
         feature_alignment(torch.zeros(2, 8), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="hidden size"):
+        broadcast_feature_alignment(torch.zeros(2, 3, 8), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"\[B, T, D\]"):
+        broadcast_feature_alignment(torch.zeros(2, 8), torch.zeros(2, 8))

@@ -1,12 +1,13 @@
 """W2SDefense and its LoRA-only ablation (lightning_modules/w2sdefense.py) on tiny random models."""
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
 from datamodules.text import load_tokenizer
-from lightning_modules.nets.hf import HFSequenceClassifier
+from lightning_modules.nets.hf import HFSequenceClassifier, LoraSpec
 from lightning_modules.ops.distill import pool_features
-from lightning_modules.w2sdefense import PEFTUnlearning, ProjectedTeacher, W2SDefense
+from lightning_modules.w2sdefense import PEFTUnlearning, ProjectedTeacher, W2SDefense, W2SDefenseBroadcast
 from tests.helpers import TINY, run_cli
 
 TINY_LLAMA = {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
@@ -55,7 +56,7 @@ def test_last_token_pooling_reads_the_token_the_classifier_head_reads(padding_si
     assert not torch.allclose(net.model.score(wrong), out.logits)
 
 
-def test_suspect_adapters_are_merged_without_changing_the_function(artifacts, tmp_path):
+def test_suspect_is_loaded_without_changing_the_function(artifacts, tmp_path):
     cli = _defense(LORA, tmp_path, artifacts)
     poisoned = artifacts["model"].eval()
     ids, mask, _ = _batch(cli)
@@ -122,6 +123,56 @@ def test_distillation_from_an_identical_teacher_adds_nothing(artifacts, tmp_path
     assert losses["fa"].item() == pytest.approx(0.0, abs=1e-4)
 
 
+def test_broadcast_variant_pulls_every_token_to_the_last_samples_teacher_vector(artifacts, tmp_path, monkeypatch):
+    """W2SDefenseBroadcast's FA: the official expression, with only the batch's last teacher row and every token
+    position, padding included; the pooled W2SDefense reads each sample's own row at its last token."""
+    ids, mask = None, None
+    results = {}
+    for name in ("W2SDefense", "W2SDefenseBroadcast"):
+        cli = _defense(W2S, tmp_path / name, artifacts, f"--model.class_path={name}")
+        model = cli.model.eval()
+        assert type(model).__name__ == name and model.teacher_artifact is not None  # init_args kept
+        ids, mask, labels = _batch(cli)
+        assert (mask == 0).any()  # padding present
+        with torch.no_grad():
+            hidden = model.net.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        teacher = torch.randn(ids.shape[0], hidden.shape[-1], generator=torch.Generator().manual_seed(0))
+        teacher[-1] = 0.0  # the last sample's vector: the broadcast term becomes the mean squared norm of all tokens
+        logits = torch.zeros(ids.shape[0], 2)
+        monkeypatch.setattr(model.teacher, "features_and_logits", lambda *a, t=teacher: (t, logits))
+        with torch.no_grad():
+            results[name] = (model.distillation_losses(ids, mask, labels)["fa"], hidden, teacher)
+    fa, hidden, _ = results["W2SDefenseBroadcast"]
+    torch.testing.assert_close(fa, (hidden + 1e-6).pow(2).sum(-1).mean())  # all B * T positions, padding included
+    fa_pooled, hidden, teacher = results["W2SDefense"]
+    torch.testing.assert_close(fa_pooled, (teacher - hidden[:, -1] + 1e-6).pow(2).sum(-1).mean())  # left padding
+
+
+def test_best_validation_epoch_is_restored(artifacts, tmp_path):
+    """restore_best_val: the trained weights after fit are those of the epoch with the highest val/acc (first on ties)."""
+    cli = _defense(LORA, tmp_path, artifacts, "--trainer.limit_val_batches=1", "--model.init_args.scheduler=null")
+    model, seen = cli.model, []
+
+    class Spy(pl.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if trainer.sanity_checking:
+                return
+            state = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+            seen.append((float(trainer.callback_metrics["val/acc"]), state))
+
+    cli.trainer.fit_loop.max_epochs = 4
+    cli.trainer.callbacks.append(Spy())
+    cli.trainer.fit(model, datamodule=cli.datamodule)
+    assert len(seen) == 4
+    best = max(range(4), key=lambda i: (seen[i][0], -i))
+    final = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for name, value in seen[best][1].items():
+        torch.testing.assert_close(final[name], value)
+    last_differs = any(not torch.equal(seen[-1][1][n], seen[best][1][n]) for n in final)
+    assert best == 3 or last_differs  # the restore is visible unless the last epoch was the best
+    assert model.artifact_metadata()["defense"]["restored_best_val"]["epoch"] == best
+
+
 def test_teacher_width_must_match_the_student(artifacts, tmp_path):
     with pytest.raises(ValueError, match="student_hidden_size: 32"):
         _defense(W2S, tmp_path, artifacts, "--model.init_args.teacher_artifact=null",
@@ -133,9 +184,22 @@ def test_unlearning_refuses_poisoned_training_data(artifacts, tmp_path):
         _defense(LORA, tmp_path, artifacts, "--data.init_args.poisoning.init_args.rate=0.1")
 
 
+def test_lora_poisoned_suspect_adapters_are_merged_without_changing_the_function(tmp_path):
+    spec = "--model.init_args.net.init_args.lora={class_path: LoraSpec, init_args: {r: 4, alpha: 8}}"
+    poisoned = run_cli("--config", str(POISON), spec, root=tmp_path, name="lora_poisoned").model.eval()
+    cli = run_cli("--config", str(LORA), spec, f"--model.init_args.suspect={tmp_path / 'lora_poisoned' / 'artifact'}",
+                  "--trainer.max_epochs=0", root=tmp_path)  # fmt: skip
+    ids, mask, _ = _batch(cli)
+    cli.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(cli.model(ids, mask), poisoned(ids, mask), atol=1e-5, rtol=1e-5)
+    assert not any("lora_" in n and "default" not in n for n, _ in cli.model.named_parameters())
+
+
 def test_suspect_must_fit_the_configured_student(artifacts):
-    """A student configured without the poisoning LoRA spec cannot take the LoRA-poisoned artifact."""
-    net = HFSequenceClassifier("smollm2-135m", 2, random_init=True, config_overrides=TINY_LLAMA)
+    """A student configured with a LoRA spec cannot take the fully fine-tuned artifact."""
+    net = HFSequenceClassifier("smollm2-135m", 2, random_init=True, config_overrides=TINY_LLAMA,
+                               lora=LoraSpec(r=4, alpha=8))  # fmt: skip
     with pytest.raises(ValueError, match="same LoRA spec"):
         PEFTUnlearning(net, suspect=str(artifacts["suspect"])).configure_model()
 

@@ -5,11 +5,43 @@ Weak-to-Strong Knowledge Distillation", Findings of ACL 2025, arXiv:2410.14425),
   picks the last non-padding token, which is where a decoder classifier reads its label, under left *and*
   right padding alike.
 - :func:`kd_loss` is Hinton et al.'s soft-target loss ``T^2 * KL(softmax(t / T) || softmax(s / T))``,
-  averaged over the batch (the official code's ``KLDivLoss(reduction="batchmean")``).
-- :func:`feature_alignment` is the mean Euclidean distance between pooled student features and the teacher's
-  projected features (the official code's ``F.pairwise_distance(...).mean()``), defined only for matching
-  ``[B, D]`` shapes: the official code passed the unpooled ``[B, T, D]`` student states, which broadcasts against
-  ``[B, D]`` only by accident (``T == B`` or ``T == 1``).
+  averaged over the batch (official ``distillation_loss``, same file and commit as below, lines 77-81:
+  ``nn.functional.kl_div(p_student, p_teacher, reduction='batchmean') * temperature ** 2``).
+- :func:`feature_alignment` is the official feature-alignment term, the mean *squared* Euclidean distance between
+  per-sample features, here between the student's pooled features and the teacher's projected features.
+- :func:`broadcast_feature_alignment` is what the official code computes with its shapes: the last sample's
+  teacher vector against every token of every student sequence, padding included (see below).
+
+The official loss (``shuaizhao95/w2sdefense`` at commit 628478cf73ed55d1fddfc03ca75a5fb3976f3a68,
+``word/unlearning.py``, lines 72-75, 95, 98 and 104)::
+
+    def contrastive_loss(repr1, repr2):
+        distance = F.pairwise_distance(repr1, repr2)
+        loss = torch.mean(torch.pow(distance, 2))
+        return loss
+    ...
+    teacher_hidden_states = teacher_logits_out['hidden_states'][-1]
+    ...
+    student_hidden_states = logits_out.hidden_states[-1]
+    ...
+    con_loss = contrastive_loss(teacher_hidden_states, student_hidden_states)
+
+and the teacher's output (same commit, ``word/bert_plus.py``, lines 22-31)::
+
+    sequence_output = outputs.hidden_states[-1][:, 0]
+    hidden_output = self.hidden_layer(sequence_output)
+    transformed_hidden_output = self.activation(hidden_output)
+    ...
+    output = {'logits': logits, 'hidden_states': transformed_hidden_output}
+
+So the teacher's ``'hidden_states'`` is already the ``[B, d]`` projected ``[CLS]`` feature, and ``[-1]`` picks its
+*last row*: the feature ``[d]`` of the batch's last sample. The student's ``hidden_states[-1]`` is the final layer's
+token states ``[B, T, d]``. ``F.pairwise_distance`` broadcasts ``[d]`` against ``[B, T, d]`` for any ``T``, so the
+official term is the mean over all ``B * T`` positions, padding included, of the squared distance to that one
+teacher vector (:func:`broadcast_feature_alignment`). :func:`feature_alignment` is the per-sample reading of the
+paper (each sample's pooled student feature against its own teacher feature), with the same squared distance.
+``F.pairwise_distance`` adds ``eps = 1e-6`` to the difference before the norm; both functions call it, as the
+official code does, with the teacher first.
 
 No Lightning imports; tested on hand-computed tensors in ``tests/test_ops_distill.py``.
 """
@@ -82,7 +114,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def feature_alignment(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
-    """Mean Euclidean distance ``mean_b ||f_student[b] - f_teacher[b]||_2`` between per-sequence features.
+    """Mean squared distance ``mean_b ||f_teacher[b] - f_student[b] + eps||^2`` between per-sample features: the
+    official ``contrastive_loss`` applied to matching ``[B, D]`` features.
 
     Args:
         student_features: pooled student features ``[B, D]`` (see :func:`pool_features`).
@@ -94,4 +127,22 @@ def feature_alignment(student_features: torch.Tensor, teacher_features: torch.Te
             f"and teacher {tuple(teacher_features.shape)}: pool the student's token features first "
             "(pool_features) and project the teacher to the student's hidden size"
         )
-    return (student_features - teacher_features).norm(dim=-1).mean()
+    return F.pairwise_distance(teacher_features, student_features).pow(2).mean()
+
+
+def broadcast_feature_alignment(student_tokens: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """The official code's feature term as its shapes make it: the *last* sample's teacher feature
+    ``teacher_features[-1]`` broadcast against every token of every student sequence, padding included,
+    ``mean_{b,t} ||f_teacher[B-1] - h_student[b, t] + eps||^2``.
+
+    Args:
+        student_tokens: the student's final-layer token states ``[B, T, D]`` (unpooled, unmasked).
+        teacher_features: the teacher's projected features ``[B, D]`` (only the last row is used, as officially).
+    """
+    if student_tokens.dim() != 3 or teacher_features.dim() != 2 or student_tokens.shape[-1] != teacher_features.shape[-1]:
+        raise ValueError(
+            f"broadcast_feature_alignment needs student token states [B, T, D] and teacher features [B, D], got "
+            f"{tuple(student_tokens.shape)} and {tuple(teacher_features.shape)}: project the teacher to the "
+            "student's hidden size"
+        )
+    return F.pairwise_distance(teacher_features[-1], student_tokens).pow(2).mean()
