@@ -202,3 +202,29 @@ def test_a_reference_network_supplies_the_pretrained_weights(tmp_path):
     untouched = run_cli("--config", FM, *NO_TRAINING, *FIXED_RHO, "--model.init_args.rho=1.0", root=tmp_path, name="r1")
     name = "model.bert.encoder.layer.1.attention.self.query.weight"
     assert not torch.equal(untouched.model.net.state_dict()[name].cpu(), untouched.model.pretrained_state[name])
+
+
+def test_suspects_never_train_on_the_defenses_validation_snippets():
+    # the seeded split takes validation first, then training: a suspect that holds out fewer validation snippets than
+    # a defense would have trained on part of the defense's validation set, inflating the rule's reference accuracy
+    import inspect
+
+    import yaml
+
+    from datamodules.text import TextClassificationDataModule
+    from tests.helpers import CONFIGS
+
+    default = inspect.signature(TextClassificationDataModule).parameters
+
+    def size(stage, key):
+        given = [a.split("=", 1)[1] for a in stage.overrides if a.startswith(f"--data.init_args.{key}=")]
+        config = yaml.safe_load((CONFIGS / stage.config).read_text())["data"]["init_args"]
+        return int(given[-1]) if given else config.get(key, default[key].default)
+
+    comp = load_comparisons()["finemixing"]
+    suspects = [s for s in comp.stages if s.key in ("badnet/poisoned", "clean/suspect", "insent/poisoned")]
+    defenses = [s for s in comp.stages if "suspect=" in " ".join(s.overrides)]
+    assert suspects and defenses
+    largest = max(size(s, "val_size") for s in defenses)
+    assert largest >= 1000, "the rule scores candidates on >= 1000 validation snippets"
+    assert all(size(s, "val_size") >= largest for s in suspects)

@@ -32,6 +32,9 @@ from recipes.reproduce import COMPARISONS, Comparison, Stage
 SWEEP = (0.0, 0.1, 0.2, 0.3, 0.5)
 DATA_SEED = "--data.init_args.seed={seed}"
 TEST = "--data.init_args.test_size=1000"
+# the suspects hold out the same 1000 validation snippets as the defenses (the seeded split puts validation first), so
+# the rule's reference, the suspect's validation accuracy, is never measured on the suspect's own training snippets
+SUSPECT_VAL = "--data.init_args.val_size=1000"
 INSENT = "--data.init_args.poisoning.init_args.trigger=InsertSentence"
 CF = ["--data.init_args.poisoning.init_args.trigger=RareWord",
       "--data.init_args.poisoning.init_args.trigger.init_args.words=[cf]"]  # fmt: skip
@@ -58,10 +61,12 @@ def _sweep_and_rule(group: str, trigger: list[str]) -> list[Stage]:
 
 
 STAGES = [
-    Stage("badnet/poisoned", "backdoor/rt_minilm_badnet.yaml", [DATA_SEED, TEST], GROUPS["badnet"], "poisoned suspect"),
+    Stage("badnet/poisoned", "backdoor/rt_minilm_badnet.yaml", [DATA_SEED, TEST, SUSPECT_VAL], GROUPS["badnet"],
+          "poisoned suspect"),
     *_sweep_and_rule("badnet", []),
     _defense("badnet", "rule_epur", "finemixing_epur", "E-PUR + Fine-mixing (rule)", []),
-    Stage("clean/suspect", "backdoor/rt_minilm_badnet.yaml", [DATA_SEED, TEST, "--data.init_args.poisoning.init_args.rate=0"],
+    Stage("clean/suspect", "backdoor/rt_minilm_badnet.yaml",
+          [DATA_SEED, TEST, SUSPECT_VAL, "--data.init_args.poisoning.init_args.rate=0"],
           GROUPS["clean"], "clean suspect"),  # fmt: skip
     *_sweep_and_rule("clean", []),
     Stage("ep/poisoned", "finemixing/rt_minilm_embedding_poisoning.yaml",
@@ -73,7 +78,8 @@ STAGES = [
     _defense("ep", "rule_epur", "finemixing_epur", "E-PUR + Fine-mixing (rule)", CF),
     _defense("ep", "rho0.2", "finemixing", "Fine-mixing, rho 0.2", CF, FIXED, "--model.init_args.rho=0.2"),
     _defense("ep", "rho0.2_epur", "finemixing_epur", "E-PUR + Fine-mixing, rho 0.2", CF, FIXED, "--model.init_args.rho=0.2"),
-    Stage("insent/poisoned", "backdoor/rt_minilm_badnet.yaml", [DATA_SEED, TEST, INSENT], GROUPS["insent"], "poisoned suspect"),
+    Stage("insent/poisoned", "backdoor/rt_minilm_badnet.yaml", [DATA_SEED, TEST, SUSPECT_VAL, INSENT], GROUPS["insent"],
+          "poisoned suspect"),
     *_sweep_and_rule("insent", [INSENT]),
 ]
 
