@@ -279,13 +279,20 @@ class FineMixing(EPUR):
     ``mix`` it with the reference's freshly initialised head like any tensor, or ``reinit`` it (take the
     reference's fresh head). Parameters are recognised as head by ``head_patterns``.
 
-    Choosing rho (``rho_candidates``; our reading of the paper's validation rule, a knob): try the
-    candidates from small to large; for each, mix, fine-tune a copy for ``search_epochs`` on the clean
-    training set and measure clean validation accuracy; take the *smallest* rho whose accuracy is within
-    ``max_acc_drop`` of the suspect's own clean validation accuracy (smaller rho keeps less of the
-    possibly backdoored update; the defender has no triggered data, so clean accuracy is the only signal).
-    If no candidate qualifies, the one with the best accuracy. The run then fine-tunes a fresh mix at the
-    chosen rho. Without candidates ``rho`` is used as given.
+    Choosing rho (``rho_candidates``). What the paper specifies, as far as we could read it (only its abstract
+    and first page were reachable from this environment, not the experimental section; there is no official
+    code): rho is the share of the backdoored weights kept, the defender holds the clean pretrained weights and
+    a small clean set but no triggered data, and every mixed model is fine-tuned on that clean set before it is
+    judged. So the only signal for rho is clean accuracy after the *whole* procedure, and a smaller rho keeps
+    less of the backdoored update. Our rule from that: try the candidates from small to large; for each, mix,
+    fine-tune a copy with the run's full budget (``search_epochs: null``: ``trainer.max_epochs`` epochs) and
+    measure clean accuracy on the validation loader (use >= 1,000 snippets, so one standard error is about
+    1.3 points, well under ``max_acc_drop``); take the *smallest* rho whose accuracy is within ``max_acc_drop``
+    of the suspect's own clean validation accuracy; if none qualifies, the most accurate (larger rho on ties).
+    The run then fine-tunes a fresh mix at the chosen rho (same mask seed, same budget). What the rule leaves
+    open, hence knobs: the candidate grid, the tolerance, the reference accuracy (here the suspect's, the only
+    one a defender has) and the validation set's size. Without candidates ``rho`` is used as given (the
+    fixed-rho sweep).
 
     Args:
         net: see :class:`SuspectFineTuning`.
@@ -300,7 +307,8 @@ class FineMixing(EPUR):
             for Llama-style models).
         rho_candidates: candidates of the validation rule; ``None``: use ``rho``.
         max_acc_drop: tolerated drop of clean validation accuracy (fraction, 0.02 = 2 points).
-        search_epochs: fine-tuning epochs of each candidate in the search.
+        search_epochs: fine-tuning epochs of each candidate in the search; ``None``: the run's full budget
+            (``trainer.max_epochs``), so each candidate is judged after the fine-tuning it would really get.
         mask_seed: seed of the random mask; ``None``: the run's seed (``seed_everything``).
         top_n: E-PUR rows reset before mixing (0: Fine-mixing alone); see :class:`EPUR`.
         floor: see :class:`EPUR`.
@@ -324,7 +332,7 @@ class FineMixing(EPUR):
         head_patterns: list[str] | None = None,
         rho_candidates: list[float] | None = None,
         max_acc_drop: float = 0.02,
-        search_epochs: int = 1,
+        search_epochs: int | None = None,
         mask_seed: int | None = None,
         top_n: int = 0,
         floor: float = 20.0,
@@ -371,9 +379,12 @@ class FineMixing(EPUR):
         start = {k: v.detach().to("cpu", copy=True) for k, v in self.net.state_dict().items()}
         baseline = self.clean_val_accuracy()
         tried = []
+        epochs = self.search_epochs if self.search_epochs is not None else self.trainer.max_epochs
+        if epochs is None or epochs < 0:
+            raise ValueError("search_epochs: null takes the run's budget, so set trainer.max_epochs (or search_epochs)")
         for rho in self.rho_candidates:
             self.apply_mixing(rho)
-            self.finetune_copy(self.search_epochs)
+            self.finetune_copy(epochs)
             tried.append((rho, self.clean_val_accuracy()))
             self.load_net(start)
             if tried[-1][1] >= baseline - self.max_acc_drop:
@@ -381,7 +392,8 @@ class FineMixing(EPUR):
         chosen = ops.choose_rho(tried, baseline, self.max_acc_drop)
         chosen = float(self.trainer.strategy.broadcast(chosen, src=0))  # ranks saw different data shards
         self.defense_record.update(
-            rho_search={"suspect_val_acc": baseline, "tried": [[r, a] for r, a in tried]}
+            rho_search={"suspect_val_acc": baseline, "tried": [[r, a] for r, a in tried], "search_epochs": epochs,
+                        "val_size": len(self.trainer.datamodule.val_dataloader()[0].dataset)}
         )
         return chosen
 

@@ -11,7 +11,7 @@ import torch
 
 from lightning_modules.ops import finemixing as ops
 from recipes.artifacts import load_artifact
-from recipes.reproduce import COMPARISONS, reproduce
+from recipes.reproduce import load_comparisons, reproduce
 from tests.helpers import TINY, artifact_of, run_cli
 
 POISON = str(TINY / "backdoor" / "rt_minilm_badnet.yaml")
@@ -145,6 +145,29 @@ def test_rho_search_follows_the_validation_rule(suspect, tmp_path, monkeypatch):
     assert record["rho_search"]["suspect_val_acc"] == 0.8
 
 
+def test_each_rho_candidate_is_fine_tuned_with_the_full_budget(suspect, tmp_path, monkeypatch):
+    from lightning_modules import FineMixing
+
+    epochs = []
+    original = FineMixing.finetune_copy
+
+    def spy(self, n):
+        epochs.append(n)
+        return original(self, n)
+
+    monkeypatch.setattr(FineMixing, "finetune_copy", spy)
+    cli = _defend(FM, suspect, tmp_path, "--trainer.max_epochs=2", "--model.init_args.rho_candidates=[0.2,0.4]",
+                  "--model.init_args.max_acc_drop=1.0")
+    assert epochs == [2], "search_epochs: null gives the first (passing) candidate the run's 2 epochs"
+    record = cli.model.defense_record
+    assert record["rho"] == 0.2 and record["rho_search"]["search_epochs"] == 2
+    assert record["rho_search"]["val_size"] == len(cli.datamodule.val_sets[0])
+    epochs.clear()
+    _defend(FM, suspect, tmp_path, "--trainer.max_epochs=2", "--model.init_args.rho_candidates=[0.2,0.4]",
+            "--model.init_args.search_epochs=1", "--model.init_args.max_acc_drop=-1.0", name="short")
+    assert epochs == [1, 1], "an explicit search_epochs is kept; no candidate passes, so both are tried"
+
+
 def test_defense_chains_onto_the_poisoned_artifact(suspect, tmp_path):
     cli = _defend(FM, suspect, tmp_path, "--model.init_args.top_n=10")
     results = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
@@ -157,14 +180,16 @@ def test_defense_chains_onto_the_poisoned_artifact(suspect, tmp_path):
 
 @pytest.mark.slow
 def test_finemixing_comparison_on_tiny_twins(tmp_path):
-    comp = COMPARISONS["finemixing"]
+    comp = load_comparisons()["finemixing"]
     table = reproduce("finemixing", seeds=[0], root=tmp_path / "runs", out=tmp_path / "docs", tiny=True)
     for stage in comp.stages:
         assert stage.label in table
+    se_table = (tmp_path / "docs" / "finemixing-se.md").read_text()
+    assert se_table.count("±") == 2 * len(comp.stages), "every stage gets CA and ASR with a standard error"
     for stage in comp.stages:
         manifest = artifact_of(tmp_path / "runs" / "finemixing" / stage.key, "seed0").manifest
-        if "poisoned" not in stage.key:
-            assert manifest["parents"], f"{stage.key} must start from the poisoned artifact"
+        if stage.key not in ("badnet/poisoned", "clean/suspect", "insent/poisoned"):
+            assert manifest["parents"], f"{stage.key} must start from its suspect (or, for EP, victim) artifact"
 
 
 def test_a_reference_network_supplies_the_pretrained_weights(tmp_path):
@@ -177,3 +202,29 @@ def test_a_reference_network_supplies_the_pretrained_weights(tmp_path):
     untouched = run_cli("--config", FM, *NO_TRAINING, *FIXED_RHO, "--model.init_args.rho=1.0", root=tmp_path, name="r1")
     name = "model.bert.encoder.layer.1.attention.self.query.weight"
     assert not torch.equal(untouched.model.net.state_dict()[name].cpu(), untouched.model.pretrained_state[name])
+
+
+def test_suspects_never_train_on_the_defenses_validation_snippets():
+    # the seeded split takes validation first, then training: a suspect that holds out fewer validation snippets than
+    # a defense would have trained on part of the defense's validation set, inflating the rule's reference accuracy
+    import inspect
+
+    import yaml
+
+    from datamodules.text import TextClassificationDataModule
+    from tests.helpers import CONFIGS
+
+    default = inspect.signature(TextClassificationDataModule).parameters
+
+    def size(stage, key):
+        given = [a.split("=", 1)[1] for a in stage.overrides if a.startswith(f"--data.init_args.{key}=")]
+        config = yaml.safe_load((CONFIGS / stage.config).read_text())["data"]["init_args"]
+        return int(given[-1]) if given else config.get(key, default[key].default)
+
+    comp = load_comparisons()["finemixing"]
+    suspects = [s for s in comp.stages if s.key in ("badnet/poisoned", "clean/suspect", "insent/poisoned")]
+    defenses = [s for s in comp.stages if "suspect=" in " ".join(s.overrides)]
+    assert suspects and defenses
+    largest = max(size(s, "val_size") for s in defenses)
+    assert largest >= 1000, "the rule scores candidates on >= 1000 validation snippets"
+    assert all(size(s, "val_size") >= largest for s in suspects)
