@@ -9,13 +9,14 @@ rounds 15-24 (still 10 attack rounds, still 5 rounds after it). Two arms: plain 
 
 from __future__ import annotations
 
-from recipes.reproduce import COMPARISONS, Comparison, Stage, bar_plot
+from recipes.comparisons.fl import curves_plot
+from recipes.reproduce import COMPARISONS, Comparison, Stage
 
 ROUNDS, ATTACK = 30, (15, 25)  # attack rounds 15..24 (end exclusive)
 _SHORT = [
     f"--trainer.max_steps={ROUNDS}",
-    f"--model.init_args.attack.init_args.start_round={ATTACK[0]}",
-    f"--model.init_args.attack.init_args.end_round={ATTACK[1]}",
+    f"--model.init_args.attack.init_args.schedule.start_round={ATTACK[0]}",
+    f"--model.init_args.attack.init_args.schedule.end_round={ATTACK[1]}",
     "--data.init_args.seed={seed}",
 ]
 _GROUP = f"MNIST, 100 clients, Dirichlet 0.5, 10/round, {ROUNDS} rounds"
@@ -31,6 +32,7 @@ COMPARISONS["demo"] = Comparison(
     columns={"test/acc": "final MA (%)", "curve/ba_attack_end": "BA at attack end (%)",
              "curve/ba_peak": "peak BA (%)", "test/asr": "final BA (%)", "curve/lifespan": "lifespan (rounds)"},
     seeds=(0,),
+    plot=lambda results, path: curves_plot(COMPARISONS["demo"], results, path, 0.5),  # MA/BA per round, window shaded
     plain=("curve/lifespan",),
     notes=f"{ROUNDS} rounds; client 0 attacks in rounds {ATTACK[0]}-{ATTACK[1] - 1} (every round, half of each local "
     "batch triggered and relabelled to 0, 2 local epochs). MA: accuracy on the clean MNIST test set; BA: share of "
@@ -38,18 +40,3 @@ COMPARISONS["demo"] = Comparison(
     "`python -m recipes.reproduce fl`.",
 )
 
-
-def _plot(results: dict, path) -> None:
-    """MA and BA per round of both runs, attack window shaded (the ``fl`` comparison's plot), BA 50% dotted."""
-    try:
-        from recipes.comparisons.fl import curves_plot  # where the FL comparison's helpers live
-    except ImportError:
-        try:
-            from recipes.reproduce import curves_plot
-        except ImportError:  # the default bars still show the outcome
-            bar_plot(COMPARISONS["demo"], results, path)
-            return
-    curves_plot(COMPARISONS["demo"], results, path, 0.5)
-
-
-COMPARISONS["demo"].plot = _plot
