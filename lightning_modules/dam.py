@@ -203,8 +203,16 @@ class DAM(AdaMerging):
         if not hasattr(self, "trigger"):  # one input perturbation per task, shaped like the DataModule's images
             shape = self.trainer.datamodule.splits[0].val[0].shape[1:]
             self.trigger = nn.Parameter(torch.zeros(len(self.task_vectors), *shape, device=self.device))
-            # per task, the value range of its unlabelled images (the pixel range [0, 1] in standardised units)
-            self.input_range = [(float(s.val[0].min()), float(s.val[0].max())) for s in self.trainer.datamodule.splits]
+            self.input_range = [self._pixel_range(s.val[0]) for s in self.trainer.datamodule.splits]
+
+    @staticmethod
+    def _pixel_range(images) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per channel, the range of a task's normalised inputs, ``[C, 1, 1]`` each: the pixel range [0, 1] through
+        the normalisation of a lazily decoded exported task, else the range of its unlabelled images."""
+        if hasattr(images, "mean") and hasattr(images, "std") and not torch.is_tensor(images):
+            mean, std = torch.tensor(images.mean), torch.tensor(images.std)
+            return ((0.0 - mean) / std).view(-1, 1, 1), ((1.0 - mean) / std).view(-1, 1, 1)
+        return images.amin(dim=(0, 2, 3)).view(-1, 1, 1), images.amax(dim=(0, 2, 3)).view(-1, 1, 1)
 
     # ------------------------------------------------------------------ masks
     def relaxed_masks(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -250,7 +258,10 @@ class DAM(AdaMerging):
     def perturbed(self, x: torch.Tensor, task: int, clamp: bool = False) -> torch.Tensor:
         """``x + delta_task``, clamped to the task's input range with ``clamp``."""
         out = x + self.trigger[task]
-        return out.clamp(*self.input_range[task]) if clamp else out
+        if not clamp:
+            return out
+        lo, hi = (t.to(out) for t in self.input_range[task])
+        return torch.maximum(torch.minimum(out, hi), lo)
 
     def _pseudo_label_loss(
         self, batch: dict, state: ops.StateDict, kind: str, clean: list[torch.Tensor] | None = None,
