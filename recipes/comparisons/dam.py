@@ -111,8 +111,9 @@ def _mean_se(values: list[float]) -> str:
 
 
 def paired_table(results: dict) -> str:
-    """Markdown: per method, mean ± standard error over (pool, merge seed) of accuracy, ASR and DAM's mask
-    statistics, and DAM's paired difference to the method (DAM - method, per (pool, merge seed))."""
+    """Markdown: per method, mean ± standard error of accuracy, ASR and DAM's mask statistics over its runs (pool x
+    merge seed; once per pool for a rule the merge seed does not change), and DAM's paired difference to the
+    method (DAM - method, per (pool, merge seed); the standard error treats the pairs as independent)."""
     dam = _runs(results, "dam")
     rows = ["| method | runs | avg acc (%) | ASR (%) | DAM − method: acc | DAM − method: ASR | kept | |logit| > 1 |",
             "|---|---|---|---|---|---|---|---|"]
@@ -120,14 +121,16 @@ def paired_table(results: dict) -> str:
         runs = _runs(results, key)
         if not runs:
             continue
-        acc = [m["test/acc"] * 100 for m in runs.values()]
-        asr = [m["test/asr"] * 100 for m in runs.values()]
+        seeded = METHODS[key][3]
+        own = list(runs.values()) if seeded else [r["metrics"] for r in results.get(f"merge/{key}/m0", [])]
+        acc = [m["test/acc"] * 100 for m in own]  # a rule the merge seed does not change: once per pool
+        asr = [m["test/asr"] * 100 for m in own]
         pairs = sorted(set(runs) & set(dam))
         d_acc = [(dam[p]["test/acc"] - runs[p]["test/acc"]) * 100 for p in pairs]
         d_asr = [(dam[p]["test/asr"] - runs[p]["test/asr"]) * 100 for p in pairs]
         kept = [m["mask/kept"] * 100 for m in runs.values() if "mask/kept" in m]
         moved = [m["mask/shared_moved"] * 100 for m in runs.values() if "mask/shared_moved" in m]
-        rows.append(f"| {label} | {len(runs)} | {_mean_se(acc)} | {_mean_se(asr)} | "
+        rows.append(f"| {label} | {len(own)} | {_mean_se(acc)} | {_mean_se(asr)} | "
                     f"{_mean_se(d_acc) if key != 'dam' else '–'} | {_mean_se(d_asr) if key != 'dam' else '–'} | "
                     f"{_mean_se(kept)} | {_mean_se(moved)} |")  # fmt: skip
     return "\n".join(rows)
