@@ -251,7 +251,10 @@ class MultiTaskDataModule(L.LightningDataModule):
         batch_size: unlabelled images per task and step.
         eval_batch_size: batch size of evaluation loaders.
         num_workers: DataLoader worker processes.
-        seed: seed of subsetting, validation splits and rotations (use the task models' seed).
+        seed: seed of subsetting, validation splits and rotations (use the task models' seed, so the merge's
+            unlabelled images are held out of their training sets).
+        shuffle_seed: seed of the order of the unlabelled batches (``None``: ``seed``); a paired design varies
+            it as the merge seed on one pool.
     """
 
     def __init__(
@@ -262,6 +265,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         eval_batch_size: int = 1000,
         num_workers: int = 0,
         seed: int = 0,
+        shuffle_seed: int | None = None,
     ):
         super().__init__()
         names = [t.name for t in tasks]
@@ -269,6 +273,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             raise ValueError(f"tasks need distinct names, got {names}")
         self.tasks, self.image_size, self.batch_size = tasks, image_size, batch_size
         self.eval_batch_size, self.num_workers, self.seed = eval_batch_size, num_workers, seed
+        self.shuffle_seed = seed if shuffle_seed is None else shuffle_seed
         self.splits: list[TaskSplits] = []
         self.eval_index: list[tuple[int, str]] = []
 
@@ -294,7 +299,7 @@ class MultiTaskDataModule(L.LightningDataModule):
                            for kind in ("clean", "triggered")[: 2 if s.test_triggered is not None else 1]]  # fmt: skip
 
     def _loader(self, tensors: tuple[torch.Tensor, ...], batch_size: int, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        generator = torch.Generator().manual_seed(self.shuffle_seed) if shuffle else None
         return DataLoader(TensorBatchDataset(*tensors), batch_size=batch_size, shuffle=shuffle, generator=generator,
                           collate_fn=_already_batched, num_workers=self.num_workers, drop_last=shuffle)  # fmt: skip
 

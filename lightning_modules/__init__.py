@@ -60,7 +60,7 @@ from lightning_modules.pfl import Ditto, FedPer, LGFedAvg, PersonalizedFedAvg  #
 
 __all__ += ["Ditto", "FedPer", "FedSelect", "LGFedAvg", "PersonalizedFedAvg"]
 
-from lightning_modules.dam import DAM  # noqa: E402
+from lightning_modules.dam import DAM, DAMPermutedMasks  # noqa: E402
 from lightning_modules.merging import (  # noqa: E402
     AdaMerging,
     Dare,
@@ -71,7 +71,7 @@ from lightning_modules.merging import (  # noqa: E402
     Ties,
 )
 
-__all__ += ["AdaMerging", "DAM", "Dare", "MergeRecipe", "MergeRule", "TaskArithmetic", "TaskFineTuning", "Ties"]
+__all__ += ["AdaMerging", "DAM", "DAMPermutedMasks", "Dare", "MergeRecipe", "MergeRule", "TaskArithmetic", "TaskFineTuning", "Ties"]
 
 from lightning_modules.w2sdefense import PEFTUnlearning, ProjectedTeacher, W2SDefense, W2SDefenseBroadcast  # noqa: E402
 

@@ -9,7 +9,7 @@ AdaMerging coefficients, on unlabelled data, minimising ``L_total = L_perf + alp
 - a **backdoor-detection mask** ``m_b,k`` per task: it isolates the harmful task-specific parameters, i.e. keeps
   an entry of ``tau_k`` only if it does not make the merged model sensitive to a trigger.
 
-How we read it (the paper's full text was not available, see docs/results/dam-section.md):
+How we read it (only the abstract could be read; see /work/shared/research/methods-fl-merge.md):
 ``theta = theta_0 + sum_k lambda_k (m_s ⊙ m_b,k ⊙ tau_k)``, masks relaxed Bernoulli (Concrete, temperature 0.5),
 ``m_s`` rescaled by its mean per tensor as in the released code. Each step of the mask phase: (1) the base
 learner takes one step on ``lambda`` (entropy, masks fixed); (2) a per-task trigger proxy ``delta_k`` (the released
@@ -19,9 +19,36 @@ clean pseudo-labels ``argmax f(x)``; (3) first-order meta step, evaluated at the
 cross-entropy of ``f(x + delta_k)`` against the pseudo-labels (the merged model must not follow the trigger
 proxy). Then the masks are made discrete and ``lambda`` is re-learned by AdaMerging with them fixed.
 
-The released code (fusion_bench ``clip_safe_concrete_*_adamerging``) has only the shared mask, and its mask loss
-is ``L_perf + 0.1 * H(f(x + delta))``: ``detection_mask: false, safe_loss: entropy, safety_weight: 0.1,
-reset_merge_weights: true, discrete: sample`` reproduces it (without its clamp of normalised inputs to [0, 1]).
+The released code (tanganke/fusion_bench@5a5de1f, ``fusion_bench/method/concrete_subspace/
+clip_safe_concrete_adamerging.py``, ``ConcreteSafeLayerWiseAdaMergingForCLIP.train_mask``, identical in
+Yangjinluan/DAM) has only the shared mask. Its lines, quoted:
+
+- mask sample: ``mask = mask_model.sample_mask(mask_type="continuous", temperature=config.temperature)`` then
+  ``mask[name] = m / torch.mean(m)``;
+- proxy: ``loss = torch.mean(-F.cross_entropy(logits_adv, ori_label, reduction="mean"))`` with
+  ``ori_label = torch.argmax(logits, axis=1).long()``, no bound on ``perturbed_input``;
+- mask loss: ``perturbed_images = torch.clamp(perturbed_images, min=0, max=1)``,
+  ``loss_regu = entropy_loss(logits_adv)``, ``loss = loss_nat + self.config.adv_weight * loss_regu``;
+- final mask: ``mask_model.sample_mask(mask_type=config.eval_mask_type, ...)``, then ``run_adamerging``.
+
+Differences from the code, each a named option (the code's value first):
+
+- one mask vs two: ``detection_mask`` (``false``: the code);
+- ``L_safe``: ``safe_loss: entropy`` (the code) or ``consistency`` (our reading of the paper);
+- ``alpha``: ``safety_weight`` (the code's ``adv_weight``: 0.1);
+- proxy bound: ``trigger_norm`` (``None``: the code); clamp of ``x + delta``: ``clamp_inputs`` (the code clamps
+  to ``[0, 1]``, its pixel range, though it applies it to normalised CLIP inputs; we clamp to the range of each
+  task's unlabelled images, the pixel range in standardised units);
+- ``lambda`` reset before every inner step: ``reset_merge_weights`` (``true``: the code);
+- final mask: ``discrete: sample`` (the code: one Bernoulli draw, so a mask whose logits stayed near 0 is a
+  random mask) or the deterministic ``threshold`` (keep probability > 0.5) or ``topk`` (per tensor, the
+  ``keep_fraction`` largest shared logits);
+- budget: the code takes 1000 mask steps at lr 1e-3 on CLIP; our pool gets far fewer steps, so the logits need a
+  larger lr (``mask_optimizer``) to leave the neighbourhood of 0. ``train/mask/*`` and ``test``'s ``mask/*`` log
+  the fraction of logits with ``|logit| > 1`` and the kept fractions, so a mask that did not learn is visible.
+
+:class:`DAMPermutedMasks` is the matched control: DAM's own learned discrete masks, permuted within each tensor
+(the same kept fraction per tensor and task, random positions).
 """
 
 from __future__ import annotations
@@ -60,9 +87,16 @@ class DAM(AdaMerging):
             of the paper) or ``entropy`` (``H(f(x + delta))``, the released code).
         trigger_norm: L-infinity bound of the trigger proxy in standardised input units (``None``: unbounded,
             as the code, whose ``trigger_norm`` key is unused).
-        discrete: the final masks: ``sample`` (one Bernoulli draw, the code) or ``threshold`` (keep prob. > 0.5).
+        discrete: the final shared mask: ``sample`` (one Bernoulli draw, the code), ``threshold`` (keep prob. > 0.5)
+            or ``topk`` (the ``keep_fraction`` largest logits of each tensor); the detection mask is thresholded.
+        keep_fraction: fraction of each tensor's shared mask kept by ``topk``.
+        clamp_inputs: clamp ``x + delta_k`` to the value range of task ``k``'s unlabelled images (the code clamps
+            to ``[0, 1]``, the pixel range) in the mask step.
         reset_merge_weights: reset ``lambda`` to ``init`` before every inner step (the code does).
-        mask_seed: seed of the discrete mask draw.
+        mask_seed: seed of the discrete mask draw (``sample``) and of :class:`DAMPermutedMasks`' permutation.
+        masks_from: ``dam_masks.safetensors`` of an earlier run (written to its log dir when its mask phase ends):
+            its mask logits replace the initial ones; with ``mask_epochs: 0`` they are used as they are (a control
+            on the same learned masks without learning them again).
         optimizer: optimizer of the merge coefficients (inner step).
         mask_optimizer: optimizer of the mask logits (the code: Adam, lr 1e-3).
         trigger_optimizer: optimizer of the trigger proxy (the code: Adam, lr 1e-4).
@@ -86,9 +120,12 @@ class DAM(AdaMerging):
         safety_weight: float = 1.0,
         safe_loss: Literal["consistency", "entropy"] = "consistency",
         trigger_norm: float | None = None,
-        discrete: Literal["sample", "threshold"] = "sample",
+        discrete: Literal["sample", "threshold", "topk"] = "sample",
+        keep_fraction: float = 0.5,
+        clamp_inputs: bool = False,
         reset_merge_weights: bool = False,
         mask_seed: int = 0,
+        masks_from: str | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         mask_optimizer: OptimizerCallable = torch.optim.Adam,
         trigger_optimizer: OptimizerCallable = torch.optim.Adam,
@@ -106,7 +143,12 @@ class DAM(AdaMerging):
         self.mask_epochs, self.temperature, self.detection_mask = mask_epochs, temperature, detection_mask
         self.shared_mask_init, self.detection_mask_init = shared_mask_init, detection_mask_init
         self.safety_weight, self.safe_loss, self.trigger_norm = safety_weight, safe_loss, trigger_norm
+        if discrete not in ("sample", "threshold", "topk"):
+            raise ValueError(f"discrete must be 'sample', 'threshold' or 'topk', got {discrete!r}")
+        if not 0.0 < keep_fraction <= 1.0:
+            raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
         self.discrete, self.reset_merge_weights, self.mask_seed = discrete, reset_merge_weights, mask_seed
+        self.keep_fraction, self.clamp_inputs, self.masks_from = keep_fraction, clamp_inputs, masks_from
         self.mask_optimizer, self.trigger_optimizer = mask_optimizer, trigger_optimizer
         self.detection_optimizer = detection_optimizer or mask_optimizer
         self.final_masks: list[ops.StateDict] | None = None
@@ -124,12 +166,53 @@ class DAM(AdaMerging):
             if self.detection_mask
             else []
         )
+        if self.masks_from is not None:
+            self._load_logits(self.masks_from)
+
+    def _logits(self) -> dict[str, torch.Tensor]:
+        out = {f"shared.{i}": lg.detach() for i, lg in enumerate(self.shared_logits)}
+        return {**out, **{f"detection.{i}": lg.detach() for i, lg in enumerate(self.detection_logits)}}
+
+    def _load_logits(self, path: str) -> None:
+        from safetensors.torch import load_file
+
+        try:
+            saved = load_file(path)
+        except (OSError, RuntimeError) as err:
+            raise ValueError(f"masks_from={path!r} is not a readable dam_masks.safetensors ({err})") from None
+        own = self._logits()
+        if set(saved) != set(own) or any(saved[k].shape != own[k].shape for k in own):
+            raise ValueError(f"masks_from={path!r} does not match this pool and detection_mask setting")
+        with torch.no_grad():
+            for k, lg in [*((f"shared.{i}", p) for i, p in enumerate(self.shared_logits)),
+                          *((f"detection.{i}", p) for i, p in enumerate(self.detection_logits))]:  # fmt: skip
+                lg.copy_(saved[k])
+
+    def save_logits(self) -> None:
+        """Write the mask logits to ``<log dir>/dam_masks.safetensors`` (atomically), for ``masks_from``."""
+        from safetensors.torch import save
+
+        from recipes.artifacts import atomic_write_bytes
+
+        if self.trainer.log_dir is not None and self.trainer.is_global_zero:
+            logits = {k: v.cpu().contiguous() for k, v in self._logits().items()}
+            atomic_write_bytes(f"{self.trainer.log_dir}/dam_masks.safetensors", save(logits))
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if not hasattr(self, "trigger"):  # one input perturbation per task, shaped like the DataModule's images
             shape = self.trainer.datamodule.splits[0].val[0].shape[1:]
             self.trigger = nn.Parameter(torch.zeros(len(self.task_vectors), *shape, device=self.device))
+            self.input_range = [self._pixel_range(s.val[0]) for s in self.trainer.datamodule.splits]
+
+    @staticmethod
+    def _pixel_range(images) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per channel, the range of a task's normalised inputs, ``[C, 1, 1]`` each: the pixel range [0, 1] through
+        the normalisation of a lazily decoded exported task, else the range of its unlabelled images."""
+        if hasattr(images, "mean") and hasattr(images, "std") and not torch.is_tensor(images):
+            mean, std = torch.tensor(images.mean), torch.tensor(images.std)
+            return ((0.0 - mean) / std).view(-1, 1, 1), ((1.0 - mean) / std).view(-1, 1, 1)
+        return images.amin(dim=(0, 2, 3)).view(-1, 1, 1), images.amax(dim=(0, 2, 3)).view(-1, 1, 1)
 
     # ------------------------------------------------------------------ masks
     def relaxed_masks(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -151,7 +234,8 @@ class DAM(AdaMerging):
         """The final 0/1 masks (the shared one rescaled by its mean, as in training)."""
         g = torch.Generator(device=self.device).manual_seed(self.mask_seed)
         names = list(self.pretrained_state)
-        shared = [ops.mean_rescale(ops.discrete_mask(lg.detach(), self.discrete, g)) for lg in self.shared_logits]
+        shared = [ops.mean_rescale(ops.discrete_mask(lg.detach(), self.discrete, g, self.keep_fraction))
+                  for lg in self.shared_logits]  # fmt: skip
         masks = []
         for k in range(len(self.task_vectors)):
             masks.append({n: shared[i] * (ops.discrete_mask(self.detection_logits[i][k].detach(), "threshold")
@@ -171,15 +255,25 @@ class DAM(AdaMerging):
             opts.append(self.detection_optimizer(list(self.detection_logits)))
         return opts
 
+    def perturbed(self, x: torch.Tensor, task: int, clamp: bool = False) -> torch.Tensor:
+        """``x + delta_task``, clamped to the task's input range with ``clamp``."""
+        out = x + self.trigger[task]
+        if not clamp:
+            return out
+        lo, hi = (t.to(out) for t in self.input_range[task])
+        return torch.maximum(torch.minimum(out, hi), lo)
+
     def _pseudo_label_loss(
-        self, batch: dict, state: ops.StateDict, kind: str, clean: list[torch.Tensor] | None = None
+        self, batch: dict, state: ops.StateDict, kind: str, clean: list[torch.Tensor] | None = None,
+        clamp: bool = False,
     ) -> torch.Tensor:
         """``sum_k CE(f(x_k + delta_k), argmax f(x_k))`` (``consistency``) or ``sum_k H(f(x_k + delta_k))``;
-        ``clean``: the clean logits ``f(x_k)`` per task when the caller has them already (saves a forward)."""
+        ``clean``: the clean logits ``f(x_k)`` per task when the caller has them already (saves a forward);
+        ``clamp``: clamp ``x_k + delta_k`` to the task's input range (the code's mask step)."""
         total = 0.0
         for k, name in enumerate(self.task_names):
             x = batch[name][0]
-            logits_adv = self.forward_merged(x + self.trigger[k], k, state)
+            logits_adv = self.forward_merged(self.perturbed(x, k, clamp), k, state)
             if kind == "entropy":
                 total = total + ops.entropy(logits_adv)
             else:
@@ -196,6 +290,7 @@ class DAM(AdaMerging):
         opt_w, opt_shared, opt_trigger = opts[:3]
         if self.current_epoch >= self.mask_epochs:  # final stage: AdaMerging with the discrete masks fixed
             if self.final_masks is None:
+                self.save_logits()
                 self.final_masks = self.discrete_masks()
                 with torch.no_grad():
                     self.merge_weights.fill_(self.init)
@@ -226,7 +321,7 @@ class DAM(AdaMerging):
         perf = sum((ops.entropy(logits) for logits in clean), 0.0)  # entropy_loss, keeping the logits
         update_detection = self.detection_mask and self._step % 2 == 1
         if update_detection or not self.detection_mask:
-            safe = self._pseudo_label_loss(batch, state, self.safe_loss, clean)  # pseudo-labels from those logits
+            safe = self._pseudo_label_loss(batch, state, self.safe_loss, clean, self.clamp_inputs)
             loss_mask = perf + self.safety_weight * safe
             self.log("train/safe", safe)
         else:
@@ -237,10 +332,47 @@ class DAM(AdaMerging):
         opt_mask.step()
         self._step += 1
         self.log_dict({"train/entropy": perf, "train/trigger_disagreement": -loss_trigger}, prog_bar=True)
+        self.log_dict({f"train/mask/{k}": v for k, v in self.mask_statistics().items()})
         return loss_mask
+
+    @torch.no_grad()
+    def mask_statistics(self) -> dict[str, float]:
+        """How far the masks learned: the fraction of shared (detection) logits with ``|logit| > 1``, i.e. keep
+        probabilities outside [0.27, 0.73]; the fraction of shared logits > 0 and of detection logits < 0
+        (entries the detection mask drops); ``kept``: the mean over tasks of the kept fraction of the final
+        discrete masks."""
+        shared = torch.cat([lg.flatten() for lg in self.shared_logits])
+        out = {"shared_moved": float((shared.abs() > 1).float().mean()), "shared_positive": float((shared > 0).float().mean())}
+        if self.detection_mask:
+            det = torch.cat([lg.flatten() for lg in self.detection_logits])
+            out["detection_moved"] = float(((det - self.detection_mask_init).abs() > 1).float().mean())
+            out["detection_dropped"] = float((det < 0).float().mean())
+        masks = self.final_masks if self.final_masks is not None else self.discrete_masks()
+        out["kept"] = sum(float(sum((m[n] != 0).sum() for n in m) / sum(m[n].numel() for n in m)) for m in masks) / len(masks)
+        return out
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        self.log_dict({f"mask/{k}": v for k, v in self.mask_statistics().items()})
 
     def describe_merge(self) -> dict:
         masks = self.final_masks if self.final_masks is not None else self.discrete_masks()
         kept = [float(sum((m[n] != 0).sum() for n in m) / sum(m[n].numel() for n in m)) for m in masks]
-        return {**super().describe_merge(), "rule": "DAM", "detection_mask": self.detection_mask,
-                "kept_fraction_per_task": kept}  # fmt: skip
+        return {**super().describe_merge(), "rule": type(self).__name__, "detection_mask": self.detection_mask,
+                "kept_fraction_per_task": kept, "mask_statistics": self.mask_statistics()}  # fmt: skip
+
+
+class DAMPermutedMasks(DAM):
+    """The matched random-mask control of :class:`DAM`: the same training, then each tensor's final discrete masks
+    (shared and detection, the same permutation for every task) are permuted at random within the tensor, seeded
+    by ``mask_seed``. The kept fraction of every tensor and task is DAM's; only which entries are kept is random.
+    Its arguments are :class:`DAM`'s."""
+
+    def discrete_masks(self) -> list[ops.StateDict]:
+        masks = super().discrete_masks()
+        g = torch.Generator().manual_seed(10_000 + self.mask_seed)
+        for n in self.pretrained_state:
+            perm = torch.randperm(masks[0][n].numel(), generator=g).to(masks[0][n].device)
+            for m in masks:
+                m[n] = m[n].flatten()[perm].view_as(m[n])
+        return masks

@@ -112,6 +112,10 @@ class TaskFineTuning(ClassifierRecipe):
     (LP-FT, Kumar et al., ICLR 2022): the head then fits the pretrained features, which keeps task vectors small
     and mergeable, as the frozen zero-shot heads of CLIP do in the merging papers.
 
+    With ``head`` the head starts from another artifact's (a clean linear probe, i.e. this recipe with
+    ``linear_probe_epochs = max_epochs`` on clean data) and with ``freeze_head`` it never trains: a backdoor then has
+    to live in the shared weights that merging combines, as with CLIP's frozen zero-shot heads (DAM's threat model).
+
     Args:
         net: the classifier network, with the task's number of classes.
         pretrained: artifact of the pretrained backbone (``None``: train from ``net``'s initialisation).
@@ -120,6 +124,8 @@ class TaskFineTuning(ClassifierRecipe):
         label_smoothing: label smoothing of the cross-entropy loss.
         head_prefix: prefix of the head's keys in ``net.state_dict()`` (not loaded from the backbone).
         linear_probe_epochs: epochs that train the head alone before full fine-tuning (0: none).
+        head: artifact whose head (keys starting with ``head_prefix``) initialises this model's (``None``: new).
+        freeze_head: never train the head (with ``head``: the clean probe's head is kept as it is).
     """
 
     def __init__(
@@ -131,18 +137,24 @@ class TaskFineTuning(ClassifierRecipe):
         label_smoothing: float = 0.0,
         head_prefix: str = "head.",
         linear_probe_epochs: int = 0,
+        head: str | None = None,
+        freeze_head: bool = False,
     ):
         super().__init__(net, optimizer, scheduler, label_smoothing)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         if linear_probe_epochs < 0:
             raise ValueError(f"linear_probe_epochs must be >= 0, got {linear_probe_epochs}")
+        if freeze_head and linear_probe_epochs:
+            raise ValueError("freeze_head with linear_probe_epochs > 0 trains nothing while probing: set one of them")
         self.pretrained, self.head_prefix, self.linear_probe_epochs = pretrained, head_prefix, linear_probe_epochs
+        self.head, self.freeze_head = head, freeze_head
         self._parents: list[dict] = []
 
     def on_train_epoch_start(self) -> None:
         probing = self.current_epoch < self.linear_probe_epochs
         for name, p in self.net.named_parameters():
-            p.requires_grad_(name.startswith(self.head_prefix) or not probing)
+            is_head = name.startswith(self.head_prefix)
+            p.requires_grad_((is_head and not self.freeze_head) or (not is_head and not probing))
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -156,6 +168,15 @@ class TaskFineTuning(ClassifierRecipe):
         if wrong:
             raise ValueError(f"{self.pretrained} does not match net outside the head: {wrong[:5]}")
         self._parents.append(parent_record(art))
+        if self.head is not None:
+            art = load_artifact(self.head)
+            head = {k.removeprefix("net."): v for k, v in art.state_dict.items()
+                    if k.removeprefix("net.").startswith(self.head_prefix)}  # fmt: skip
+            own = {k for k in self.net.state_dict() if k.startswith(self.head_prefix)}
+            if set(head) != own or any(head[k].shape != self.net.state_dict()[k].shape for k in own):
+                raise ValueError(f"{self.head}: its head does not match net's ({sorted(own)}): check num_classes")
+            self.net.load_state_dict(head, strict=False)
+            self._parents.append(parent_record(art))
 
     def artifact_parents(self) -> list[dict]:
         return list(self._parents)

@@ -93,15 +93,33 @@ def test_task_finetuning_starts_from_the_backbone_with_a_new_head():
     assert recipe.net.head.out_features == 2 and recipe.artifact_parents()[0]["recipe"].endswith("ClassifierRecipe")
 
 
+def test_task_finetuning_keeps_a_frozen_head_from_the_clean_probe():
+    probe = str(POOL / "probe_mnist" / "seed0" / "artifact")
+    recipe = TaskFineTuning(tiny_net(10), PRE, head=probe, freeze_head=True)
+    recipe.configure_model()
+    head = {k.removeprefix("net.head."): v for k, v in load_artifact(probe).state_dict.items() if k.startswith("net.head.")}
+    assert_state_equal(recipe.net.head.state_dict(), head)
+    recipe.on_train_epoch_start()
+    assert not any(p.requires_grad for p in recipe.net.head.parameters())
+    assert all(p.requires_grad for n, p in recipe.net.named_parameters() if not n.startswith("head."))
+    # the pool's backdoored task model kept that head through its fine-tuning
+    assert_state_equal({k: v for k, v in load_artifact(MNIST).state_dict.items() if k.startswith("net.head.")},
+                       {f"net.head.{k}": v for k, v in head.items()})
+    with pytest.raises(ValueError, match="num_classes"):
+        TaskFineTuning(tiny_net(2), PRE, head=probe).configure_model()
+    with pytest.raises(ValueError, match="freeze_head"):
+        TaskFineTuning(tiny_net(10), PRE, head=probe, freeze_head=True, linear_probe_epochs=1)
+
+
 def test_adamerging_learns_coefficients_and_logs_per_task_metrics(tmp_path):
-    cli = run_cli("--config", str(TINY / "merging" / "pool4_adamerging.yaml"), root=tmp_path)
+    cli = run_cli("--config", str(TINY / "merging" / "pool_adamerging.yaml"), root=tmp_path)
     results = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
-    assert {"test/acc", "test/asr", "test/mnist/acc", "test/mnist/asr", "test/parity/acc"} <= set(results)
+    assert {"test/acc", "test/asr", "test/mnist/acc", "test/mnist/asr", "test/digits/acc"} <= set(results)
     assert not torch.allclose(cli.model.merge_weights.detach(), torch.full_like(cli.model.merge_weights, 0.3))
-    assert cli.model.merge_weights.shape == (4, len(cli.model.pretrained_state))
+    assert cli.model.merge_weights.shape == (3, len(cli.model.pretrained_state))
     art = artifact_of(tmp_path)
-    assert art.manifest["backdoored"] == [True, False, False, False]
-    assert {"heads.parity.weight", "heads.mnist.bias"} <= set(art.state_dict)
+    assert art.manifest["backdoored"] == [True, False, False]
+    assert {"heads.digits.weight", "heads.mnist.bias"} <= set(art.state_dict)
     # the exported shared weights are the merge that was evaluated
     merged = {k: v.cpu() for k, v in cli.model.merged_state().items()}
     assert_state_equal({k.removeprefix("net."): v for k, v in art.state_dict.items() if k.startswith("net.")}, merged)
@@ -109,7 +127,7 @@ def test_adamerging_learns_coefficients_and_logs_per_task_metrics(tmp_path):
 
 @pytest.mark.parametrize("detection", [True, False])
 def test_dam_masks_stay_in_unit_interval_and_end_discrete(tmp_path, detection):
-    cli = run_cli("--config", str(TINY / "merging" / "pool4_dam.yaml"), f"--model.init_args.detection_mask={detection}",
+    cli = run_cli("--config", str(TINY / "merging" / "pool_dam.yaml"), f"--model.init_args.detection_mask={detection}",
                   root=tmp_path)  # fmt: skip
     dam = cli.model
     shared, detect = dam.relaxed_masks()
@@ -129,15 +147,14 @@ def test_dam_masks_stay_in_unit_interval_and_end_discrete(tmp_path, detection):
 
 def test_wrong_number_of_task_models_is_named(tmp_path):
     with pytest.raises(ValueError, match="one artifact per task"):
-        run_cli("--config", str(TINY / "merging" / "pool4_task_arithmetic.yaml"), f"--model.init_args.task_models=[{MNIST}]",
+        run_cli("--config", str(TINY / "merging" / "pool_task_arithmetic.yaml"), f"--model.init_args.task_models=[{MNIST}]",
                 root=tmp_path)  # fmt: skip
 
 
 def test_head_class_mismatch_points_at_the_order(tmp_path):
-    parity = str(POOL / "parity" / "seed0" / "artifact")
-    with pytest.raises(ValueError, match="order of task_models"):
-        run_cli("--config", str(TINY / "merging" / "pool4_task_arithmetic.yaml"),
-                f"--model.init_args.task_models=[{parity},{MNIST},{MNIST},{MNIST}]", root=tmp_path)  # fmt: skip
+    with pytest.raises(ValueError, match="order of task_models"):  # the backbone's head has 4 rotation classes
+        run_cli("--config", str(TINY / "merging" / "pool_task_arithmetic.yaml"),
+                f"--model.init_args.task_models=[{PRE},{MNIST},{MNIST}]", root=tmp_path)  # fmt: skip
 
 
 def test_bad_arguments_fail_early():
@@ -151,12 +168,19 @@ def test_bad_arguments_fail_early():
 
 @pytest.mark.slow
 def test_dam_comparison_runs_on_tiny_twins(tmp_path):
-    """The whole reproduction (pool, then every merge with 1 and 2 backdoors) on the tiny twins, and its table."""
+    """The whole reproduction (pool, then every merge rule on it, paired by merge seed) on the tiny twins, its table
+    and its paired table; the permuted-mask control keeps DAM's kept fraction."""
     from recipes.reproduce import COMPARISONS, reproduce
 
     table = reproduce("dam", seeds=[0], root=tmp_path / "runs", out=tmp_path / "docs", tiny=True)
     for stage in COMPARISONS["dam"].stages:
         assert stage.label in table
-    merged = load_artifact(tmp_path / "runs" / "dam" / "bd2" / "dam" / "seed0" / "artifact")
-    assert merged.manifest["backdoored"] == [True, True, False, False]
+    merged = load_artifact(tmp_path / "runs" / "dam" / "merge" / "dam" / "m1" / "seed0" / "artifact")
+    assert merged.manifest["backdoored"] == [True, False, False]
+    control = load_artifact(tmp_path / "runs" / "dam" / "merge" / "dam_permuted" / "m1" / "seed0" / "artifact")
+    kept = [a.manifest["merge"]["kept_fraction_per_task"] for a in (merged, control)]
+    assert kept[0] == pytest.approx(kept[1])
+    assert control.manifest["merge"]["rule"] == "DAMPermutedMasks"
+    paired = (tmp_path / "docs" / "dam-paired.md").read_text()
+    assert "DAM − method: ASR" in paired and "control: DAM's learned masks" in paired
     assert {p["recipe"].rsplit(".", 1)[-1] for p in merged.manifest["parents"]} == {"ClassifierRecipe", "TaskFineTuning"}

@@ -180,7 +180,7 @@ def test_dam_learns_on_store_tasks_with_a_trigger_proxy_shaped_like_clip_inputs(
     cli = run_cli("--config", str(TINY / "merging" / "clip" / "dam.yaml"), root=tmp_path)
     dam = cli.model
     assert dam.trigger.shape == (3, 3, 32, 32)
-    assert dam.final_masks is not None and not dam.detection_mask
+    assert dam.final_masks is not None and dam.detection_mask and dam.discrete == "topk"
     results = cli.trainer.test(dam, datamodule=cli.datamodule, verbose=False)[0]
     assert {"test/acc", "test/asr", "test/mnist/asr", "test/fashion/asr", "test/digits/acc"} <= set(results)
     art = artifact_of(tmp_path)
@@ -210,5 +210,5 @@ def test_cluster_comparison_wires_the_8_task_pool_in_the_configs_order():
     assert tasks == ["sun397", "cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
     models = config["model"]["init_args"]["task_models"]
     assert [m.split("/pool/")[1].split("/")[0].removesuffix("_badnets") for m in models] == tasks
-    bd2 = next(s for s in comp.stages if s.key == "bd2/dam")
+    bd2 = next(s for s in comp.stages if s.key == "merge/bd2/dam/m0")
     assert "pool/eurosat_badnets" in " ".join(bd2.overrides) and "pool/gtsrb_badnets" in " ".join(bd2.overrides)

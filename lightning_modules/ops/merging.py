@@ -188,16 +188,27 @@ def relaxed_bernoulli(
 
 
 def discrete_mask(
-    logits: torch.Tensor, mode: Literal["threshold", "sample"] = "threshold", generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    mode: Literal["threshold", "sample", "topk"] = "threshold",
+    generator: torch.Generator | None = None,
+    keep_fraction: float = 0.5,
 ) -> torch.Tensor:
-    """The final 0/1 mask: ``sigmoid(logits) > 0.5`` (``threshold``) or one Bernoulli draw (``sample``, the
-    released DAM code's ``discrete`` evaluation)."""
+    """The final 0/1 mask: ``sigmoid(logits) > 0.5`` (``threshold``), one Bernoulli draw (``sample``, the
+    released DAM code's ``discrete`` evaluation) or the ``round(keep_fraction * numel)`` largest logits (``topk``,
+    at least one; ties broken by position)."""
     probs = torch.sigmoid(logits)
     if mode == "threshold":
         return (probs > 0.5).to(logits.dtype)
     if mode == "sample":
         return torch.bernoulli(probs, generator=generator)
-    raise ValueError(f"mode must be 'threshold' or 'sample', got {mode!r}")
+    if mode == "topk":
+        if not 0.0 < keep_fraction <= 1.0:
+            raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+        k = max(1, round(keep_fraction * logits.numel()))
+        mask = torch.zeros(logits.numel(), dtype=logits.dtype, device=logits.device)
+        mask[torch.topk(logits.flatten(), k, sorted=False).indices] = 1.0
+        return mask.view_as(logits)
+    raise ValueError(f"mode must be 'threshold', 'sample' or 'topk', got {mode!r}")
 
 
 def mean_rescale(mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -5,13 +5,17 @@ exported to ``data/clip/<task>`` first (``python -m foundation.export_images --c
 Stages ``pool/*`` build the pool once per seed (cached artifacts): theta_0 (configs/merging/clip/pretrained.yaml)
 and a task model per task fine-tuned from it under CLIP's frozen zero-shot head (task_finetune.yaml with the task,
 its classes and class names and Ilharco et al.'s per-task epochs): GTSRB backdoored (patch bottom right -> 0), EuroSAT clean and backdoored (patch top left -> 0), the
-rest clean. Then task arithmetic, TIES, DARE, AdaMerging and DAM run on the pool with one backdoored model (GTSRB)
-and with two (GTSRB and EuroSAT). ``--tiny`` is not supported (the twins' pool is tests/clip_pool.py's, 3 tasks).
+rest clean. Then task arithmetic, TIES, DARE, AdaMerging, DAM and the permuted-mask control run on the pool with one
+backdoored model (GTSRB) and with two (GTSRB and EuroSAT), for merge seeds 0, 1 and 2 where the merge seed matters: the
+paired design of the ``dam`` comparison (run seed = pool seed, at least 2 pools; ``paired_table`` in
+recipes/comparisons/dam.py). ``--tiny`` is not supported (the twins' pool is tests/clip_pool.py's, 3 tasks).
 """
 
 from __future__ import annotations
 
 from recipes.reproduce import COMPARISONS, Comparison, Stage
+
+MERGE_SEEDS = (0, 1, 2)
 
 DATA = "data/clip"
 # task -> (classes, epochs): Ilharco et al.'s epochs for about 2,000 steps of batch 128 (task_vectors' finetune.py).
@@ -39,16 +43,26 @@ POOL = [
     Stage("pool/eurosat_badnets", _FT, _task("eurosat", _TOP_LEFT), "pool", "eurosat, backdoored"),
 ]
 
+_FINAL_EPOCHS = 16  # dam.yaml: 32 epochs, the last 16 AdaMerging with the discrete masks fixed
+# key -> (config, extra overrides, label, whether the merge seed changes it)
 METHODS = {
-    "task_arithmetic": ("task_arithmetic.yaml", [], "task arithmetic"),
-    "ties": ("ties.yaml", [], "TIES"),
-    "dare": ("dare.yaml", [], "DARE + TA"),
-    "adamerging": ("adamerging.yaml", [], "AdaMerging (layer)"),
-    "dam": ("dam.yaml", [], "DAM (released code's settings)"),
-    "dam_two_masks": ("dam.yaml", ["--model.init_args.detection_mask=true", "--model.init_args.safe_loss=consistency",
-                                   "--model.init_args.safety_weight=0.3", "--model.init_args.trigger_norm=1.0"],
-                      "DAM (two masks, our reading)"),
-}
+    "task_arithmetic": ("task_arithmetic.yaml", [], "task arithmetic", False),
+    "ties": ("ties.yaml", [], "TIES", False),
+    "dare": ("dare.yaml", ["--model.init_args.rule.init_args.seed={merge_seed}"], "DARE + TA", True),
+    "adamerging": ("adamerging.yaml", [], "AdaMerging (layer)", True),
+    "dam": ("dam.yaml", [], "DAM (two masks, masks that move, top-50% final mask)", True),
+    "dam_permuted": ("dam.yaml", ["--model.class_path=DAMPermutedMasks", "--model.init_args.mask_epochs=0",
+                                  "--model.init_args.masks_from={artifact:{group}/dam/m{merge_seed}}/../dam_masks.safetensors",
+                                  f"--trainer.max_epochs={_FINAL_EPOCHS}",
+                                  f"--trainer.check_val_every_n_epoch={_FINAL_EPOCHS}"],
+                     "control: DAM's learned masks permuted within each tensor", True),
+    "dam_code": ("dam.yaml", ["--model.init_args.detection_mask=false", "--model.init_args.safe_loss=entropy",
+                              "--model.init_args.safety_weight=0.1", "--model.init_args.reset_merge_weights=true",
+                              "--model.init_args.mask_optimizer.init_args.lr=0.001",
+                              "--model.init_args.trigger_optimizer.init_args.lr=0.0001",
+                              "--model.init_args.discrete=sample"],
+                 "DAM, the released code's settings (one mask, lr 1e-3, sampled final mask)", True),
+}  # fmt: skip
 
 
 def _merges(backdoors: int) -> list[Stage]:
@@ -56,19 +70,31 @@ def _merges(backdoors: int) -> list[Stage]:
     models = ",".join(f"{{artifact:pool/{names.get(t, t)}}}" for t in TASKS)
     pool = ["--model.init_args.pretrained={artifact:pool/pretrained}", f"--model.init_args.task_models=[{models}]",
             "--data.init_args.seed={seed}"]  # fmt: skip
-    group = f"{backdoors} backdoored model{'s' if backdoors > 1 else ''} in the pool"
-    return [Stage(f"bd{backdoors}/{key}", f"merging/clip/{cfg}", [*pool, *extra], group, label)
-            for key, (cfg, extra, label) in METHODS.items()]  # fmt: skip
+    group = f"merge/bd{backdoors}"
+    title = f"{backdoors} backdoored model{'s' if backdoors > 1 else ''} in the pool"
+    stages = []
+    for key, (cfg, extra, label, seeded) in METHODS.items():
+        for s in MERGE_SEEDS if seeded else MERGE_SEEDS[:1]:
+            seed = [f"--seed_everything={s}", f"--data.init_args.shuffle_seed={s}"]
+            if cfg == "dam.yaml":
+                seed.append(f"--model.init_args.mask_seed={s}")
+            extra_s = [e.replace("{merge_seed}", str(s)).replace("{group}", group) for e in extra]
+            stages.append(Stage(f"{group}/{key}/m{s}", f"merging/clip/{cfg}", [*pool, *seed, *extra_s], title,
+                                f"{label}, merge seed {s}"))  # fmt: skip
+    return stages
 
 
 COMPARISONS["dam_clip"] = Comparison(
     title="Merging CLIP ViT-B/32 task models on 8 image tasks with backdoored members: TA, TIES, DARE, AdaMerging, DAM",
     stages=[*POOL, *_merges(1), *_merges(2)],
     columns={"test/acc": "avg acc (%)", "test/asr": "avg ASR (%)", "test/gtsrb/acc": "GTSRB",
-             "test/gtsrb/asr": "GTSRB ASR", "test/eurosat/acc": "EuroSAT", "test/eurosat/asr": "EuroSAT ASR"},
-    seeds=(0,),
+             "test/gtsrb/asr": "GTSRB ASR", "test/eurosat/acc": "EuroSAT", "test/eurosat/asr": "EuroSAT ASR",
+             "mask/kept": "kept", "mask/shared_moved": "|logit|>1"},
+    seeds=(0, 1),
     notes="Pool rows: each model on its own task (the pretrained row: a linear probe of the frozen tower on MNIST). "
     "Merge rows: the merged CLIP tower with each task's own head, on every task's full test split; avg acc over the 8 "
     "tasks, avg ASR over the backdoored task models (GTSRB; GTSRB and EuroSAT). Learned merges see only 1,000 "
-    "unlabelled held-out training images per task.",
+    "unlabelled held-out training images per task. Run seed = pool seed; one row per merge seed (the paired "
+    "differences: recipes.comparisons.dam.paired_table). kept: DAM's kept fraction; |logit|>1: the fraction of "
+    "shared-mask logits that left (-1, 1).",
 )
