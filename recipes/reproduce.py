@@ -4,10 +4,11 @@ A comparison is a list of stages; each stage is one config run through the same 
 ``python -m recipes fit`` (then tested on the test split), for several seeds. Stages may consume earlier
 stages' artifacts through ``{artifact:<stage key>}`` in their overrides. Finished runs are cached in
 ``<root>/<stage>/seed<k>/result.json``, so an interrupted reproduction resumes where it stopped
-(``--force`` reruns). The table (mean ± std over seeds) goes to ``docs/results/<name>.md``, the plot to
-``docs/results/<name>.png``, and the table is printed.
+(``--force`` reruns). The table (mean ± std over seeds) goes to ``<out>/<name>.md`` and the plot to
+``<out>/<name>.png`` (``--out`` defaults to ``--root``, i.e. under ``runs/``; ``--out docs/results`` refreshes the
+committed tables), and the table is printed.
 
-Method issues add their own entry to :data:`COMPARISONS`, here or in a module of ``recipes/comparisons/``
+Method issues add their own entry to :data:`COMPARISONS`, in a module of ``recipes/comparisons/``
 (imported on first use by :func:`load_comparisons`; it registers with ``COMPARISONS["name"] = Comparison(...)``).
 """
 
