@@ -97,15 +97,17 @@ def subject_std(lm, token_lists: list[list[int]]) -> float:
 
 
 def run(facts: int, samples: int, kinds: list[str], window: int, noise_factor: float, seed: int, out: Path,
-        widths: list[int]) -> dict:
+        widths: list[int], known_dtype: str = "float32") -> dict:
     """Trace ``facts`` known country facts of SmolLM2-135M (the editing records' source) and write
     ``out/causal_trace.json`` and ``out/causal_trace.png``; returns the summary."""
     from datamodules import CounterFactDataModule
     from lightning_modules import MEMIT, CausalLM
 
     torch.manual_seed(seed)
+    # the known-fact filter runs in ``known_dtype`` (its cache is shared with editing runs of that compute dtype);
+    # the traces themselves run in the model's float32
     m = MEMIT(CausalLM("smollm2-135m", attn_implementation="eager", bos_token="<|endoftext|>"), fluency_records=0,
-              eval_prefixes=0, context_seeds=[])
+              eval_prefixes=0, context_seeds=[], compute_dtype=known_dtype)
     m.configure_model()
     dm = CounterFactDataModule(num_edits=facts, relations=["city_country", "us_state", "capital", "continent",
                                                           "currency", "language"], seed=seed)
@@ -168,8 +170,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--widths", type=int, nargs="+", default=[2, 5], help="layer-window widths to choose")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/causal_trace"))
+    ap.add_argument("--known-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="compute dtype of the known-fact filter (shares its cache with editing runs)")
     a = ap.parse_args(argv)
-    s = run(a.facts, a.samples, a.kinds, a.window, a.noise_factor, a.seed, a.out, a.widths)
+    s = run(a.facts, a.samples, a.kinds, a.window, a.noise_factor, a.seed, a.out, a.widths, a.known_dtype)
     for kind in a.kinds:
         k = s[kind]
         print(f"{kind}: p_clean {k['p_clean']:.3f} p_corrupted {k['p_corrupted']:.3f} best windows {k['best_windows']}")
