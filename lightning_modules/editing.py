@@ -237,6 +237,7 @@ class EditingRecipe(BaseRecipe):
         self.timings["update_seconds"] = self.timings.get("update_seconds", 0.0) + t2 - t1
         # how hard the clamp binds: ||δ|| over its radius (1: on the boundary)
         clamp = (delta.float().norm(dim=-1) / self.max_norm(h_init.float())).mean()
+        self.edit_summary = {"z_nll": float(nll.mean()), "delta_over_clamp": float(clamp), "z_cached": float(cached)}
         log = {**info, "edit/z_nll": float(nll.mean()), "edit/z_seconds": self.timings["z_seconds"],
                "edit/delta_over_clamp": float(clamp), "edit/z_cached": float(cached),
                "edit/update_seconds": self.timings["update_seconds"],
@@ -258,6 +259,8 @@ class EditingRecipe(BaseRecipe):
             self.log(f"{split}/{name}", value)
         if "z_seconds" in self.timings:  # wall time of the edits (target vectors + closed-form updates)
             self.log(f"{split}/edit_seconds", self.timings["z_seconds"] + self.timings["update_seconds"])
+        for name, value in getattr(self, "edit_summary", {}).items():  # the last edit batch's diagnostics
+            self.log(f"{split}/{name}", value)
 
     def validation_step(self, batch: list, batch_idx: int) -> None:
         self._evaluate("val", batch)

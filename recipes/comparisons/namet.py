@@ -42,8 +42,10 @@ def _stages(n: int, cpu: bool = False) -> list[Stage]:
     stages = []
     for key, name in METHODS.items():
         for s in SCALES:
+            # the sweep points skip the validation pass (a subset of the test records, already scored at x1)
+            skip_val = ["--trainer.limit_val_batches=0"] if s != 1.0 else []
             stages.append(Stage(f"{pre}/{key}/x{s:g}", f"namet/smollm2_{key}.yaml",
-                                [*args, f"--model.init_args.mom2_update_weight={LAMBDA * s}"], group,
+                                [*args, f"--model.init_args.mom2_update_weight={LAMBDA * s}", *skip_val], group,
                                 f"{name}, λ x{s:g}"))
     unedited = Stage(f"{pre}/unedited", "namet/smollm2_memit.yaml", [*args, "--trainer.max_epochs=0"], group, "unedited")
     return [unedited, *stages]
