@@ -28,6 +28,9 @@ METHODS = {"memit": "MEMIT", "namet": "NAMET"}
 CPU = ["--model.init_args.compute_dtype=bfloat16", "--model.init_args.context_seeds=[The,Therefore,Because,I,You]"]
 
 
+SKIP_VAL = ["--trainer.limit_val_batches=0"]
+
+
 def _prefix(n: int, cpu: bool) -> str:
     return f"n{n}" + ("-cpu" if cpu else "")
 
@@ -42,10 +45,9 @@ def _stages(n: int, cpu: bool = False) -> list[Stage]:
     stages = []
     for key, name in METHODS.items():
         for s in SCALES:
-            # the sweep points skip the validation pass (a subset of the test records, already scored at x1)
-            skip_val = ["--trainer.limit_val_batches=0"] if s != 1.0 else []
+            # no validation pass: its records are a subset of the test records
             stages.append(Stage(f"{pre}/{key}/x{s:g}", f"namet/smollm2_{key}.yaml",
-                                [*args, f"--model.init_args.mom2_update_weight={LAMBDA * s}", *skip_val], group,
+                                [*args, f"--model.init_args.mom2_update_weight={LAMBDA * s}", *SKIP_VAL], group,
                                 f"{name}, λ x{s:g}"))
     unedited = Stage(f"{pre}/unedited", "namet/smollm2_memit.yaml", [*args, "--trainer.max_epochs=0"], group, "unedited")
     return [unedited, *stages]
