@@ -50,7 +50,8 @@ from lightning_modules.finemixing import EPUR, FineMixing, SuspectFineTuning  # 
 
 __all__ += ["EPUR", "FineMixing", "SuspectFineTuning"]
 
-from lightning_modules.editing import MEMIT, NAMET  # noqa: E402
+from lightning_modules.memit import MEMIT  # noqa: E402
+from lightning_modules.namet import NAMET  # noqa: E402
 from lightning_modules.nets.causal_lm import CausalLM  # noqa: E402
 
 __all__ += ["CausalLM", "MEMIT", "NAMET"]

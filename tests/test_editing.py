@@ -188,13 +188,69 @@ def test_memit_edits_real_facts_of_smollm2_and_spares_neighbours(tmp_path):
     assert nbr_after.float().mean() >= 0.8
 
 
+def test_target_vectors_are_cached_by_records_and_optimisation_hparams(tmp_path):
+    m = tiny_editor(tmp_path, targets_dir=str(tmp_path / "targets"))
+    recs = records(SUBJECTS[:3])
+    d1, h1, n1, s1, cached1 = m.cached_targets(recs)
+    files = list((tmp_path / "targets").glob("memit-*.safetensors"))
+    assert not cached1 and len(files) == 1 and s1 > 0
+    m.compute_targets = None  # a second call with the same key must read the file
+    d2, h2, n2, s2, cached2 = m.cached_targets(recs)
+    assert cached2 and s2 == pytest.approx(s1)
+    torch.testing.assert_close(d2, d1)
+    torch.testing.assert_close(h2, h1)
+    torch.testing.assert_close(n2, n1)
+    m.lams = [10 * x for x in m.lams]  # λ is not part of the key: a sweep re-uses the vectors
+    assert m.cached_targets(recs)[4]
+    other = tiny_editor(tmp_path, targets_dir=str(tmp_path / "targets"), v_lr=0.1)  # another optimisation: new key
+    assert not other.cached_targets(recs)[4] and not other.cached_targets(records(SUBJECTS[3:5]))[4]
+    namet = tiny_editor(tmp_path, NAMET, targets_dir=str(tmp_path / "targets"))
+    assert not namet.cached_targets(recs)[4]
+    assert len(list((tmp_path / "targets").glob("*.safetensors"))) == 4
+
+
+def test_matched_configs_differ_only_in_the_method():
+    """configs/namet/smollm2_{memit,namet}.yaml (and the Llama-2 pair): NAMET's change is the only difference."""
+    import yaml
+
+    for a, b in (("smollm2_memit", "smollm2_namet"), ("smollm2_memit_wide", "smollm2_namet_wide"),
+                 ("llama2_7b_counterfact_memit", "llama2_7b_counterfact_namet")):
+        ca, cb = (yaml.safe_load(open(f"configs/namet/{x}.yaml")) for x in (a, b))
+        assert (ca["model"].pop("class_path"), cb["model"].pop("class_path")) == ("MEMIT", "NAMET")
+        ca["trainer"].pop("default_root_dir"), cb["trainer"].pop("default_root_dir")
+        assert ca == cb
+        assert ca["model"]["init_args"]["compute_dtype"] == "float32"
+
+
+def test_causal_trace_restoring_the_last_state_recovers_the_clean_run(tmp_path):
+    """Subject at the end of the prompt: restoring the last block's output there gives the clean ``p(answer)``
+    exactly; without noise, the corrupted run is the clean one."""
+    from lightning_modules.causal_trace import trace_fact
+
+    m = tiny_editor(tmp_path)
+    ids = m.net.encode("The capital city of Zorbland")
+    span = (len(m.net.encode("The capital city of")), len(ids))
+    args = ("model.layers.{}", "model.layers.{}.mlp", "model.embed_tokens", torch.Generator().manual_seed(0))
+    noisy = trace_fact(m.lm, ids, span, 42, 5.0, 2, "hidden", 1, *args)
+    assert noisy["corrupted"] != pytest.approx(noisy["clean"], rel=1e-3)
+    assert float(noisy["restored"][-1]) == pytest.approx(noisy["clean"], rel=1e-4)
+    clean = trace_fact(m.lm, ids, span, 42, 0.0, 1, "mlp", 3, *args)
+    assert clean["corrupted"] == pytest.approx(clean["clean"], rel=1e-5)
+    torch.testing.assert_close(clean["restored"], torch.full_like(clean["restored"], clean["clean"]), rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.slow
 def test_namet_comparison_runs_on_the_tiny_twins(tmp_path):
     from recipes.reproduce import reproduce
 
-    table = reproduce("namet", seeds=[0], root=tmp_path / "runs", out=tmp_path / "docs", tiny=True, only=["n100/"])
+    stages = ["n300/unedited", "n300/memit/x1", "n300/memit/x2", "n300/namet/x1"]
+    table = reproduce("namet", seeds=[0], root=tmp_path / "runs", out=tmp_path / "docs", tiny=True, only=stages)
     rows = [line for line in table.splitlines() if line.startswith("| SmolLM2")]
-    assert [r.split(" | ")[1] for r in rows] == ["unedited", "MEMIT", "NAMET"]
+    assert [r.split(" | ")[1] for r in rows] == ["unedited", "MEMIT, λ x1", "MEMIT, λ x2", "NAMET, λ x1"]
     edit_time = [r.split(" | ")[-3] for r in rows]
     assert edit_time[0] == "—" and all(float(t) > 0 for t in edit_time[1:])
-    assert (tmp_path / "docs" / "namet-n100_.md").exists()
+    import json
+
+    x2 = json.loads((tmp_path / "runs" / "n300" / "memit" / "x2" / "seed0" / "result.json").read_text())
+    assert x2["metrics"]["test/z_cached"] == 1.0  # the λ x2 stage re-used the x1 stage's target vectors
+    assert 0 < x2["metrics"]["test/delta_over_clamp"] <= 1.0 + 1e-4

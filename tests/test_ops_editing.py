@@ -105,3 +105,12 @@ def test_ngram_entropy_scores_repetition_low():
     expected = (2 / 3 * math.log2(3) + 4 / 3 * 1.0) / 2  # 3 distinct bigrams, 2 distinct trigrams
     assert E.ngram_entropy("a b c d") == pytest.approx(expected)
     assert E.ngram_entropy("the cat sat on the mat.") > E.ngram_entropy("the the the the the the")
+
+
+def test_best_layer_window_sums_consecutive_effects():
+    effect = [0.1, 0.5, 0.2, 0.6, 0.3, 0.0]  # pairs: 0.6 0.7 0.8 0.9 0.3; triples: 0.8 1.3 1.1 0.9
+    assert E.best_layer_window(effect, 2) == [3, 4]
+    assert E.best_layer_window(effect, 3) == [1, 2, 3]
+    assert E.best_layer_window(effect, 1) == [3]
+    with pytest.raises(ValueError, match="window width 7"):
+        E.best_layer_window(effect, 7)

@@ -147,3 +147,14 @@ def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float
         ent = -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
         out.append(w * ent)
     return sum(out) / len(out)
+
+
+def best_layer_window(effect: Sequence[float] | torch.Tensor, width: int) -> list[int]:
+    """The ``width`` consecutive layers with the largest summed causal effect (MEMIT picks its edited layers
+    around the peak of the MLP's indirect effect at the subject's last token)."""
+    effect = torch.as_tensor(effect, dtype=torch.float64)
+    if not 1 <= width <= effect.numel():
+        raise ValueError(f"window width {width} for {effect.numel()} layers")
+    sums = effect.unfold(0, width, 1).sum(-1)
+    start = int(sums.argmax())
+    return list(range(start, start + width))
