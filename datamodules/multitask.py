@@ -10,8 +10,8 @@ images are standardised with the mean and std of the first 10,000 training image
 DataModules build a task through :func:`build_task`, so a task model and the merge see the same data and the
 same trigger.
 
-A task's ``dataset`` may also be the directory of a hub dataset exported by ``python -m recipes.export_images``
-(:mod:`datamodules.image_store`: ``uint8`` RGB images, memory-mapped). Such a task keeps its images ``uint8`` and
+A task's ``dataset`` may also be the directory of a hub dataset exported by ``python -m foundation.export_images``
+(:mod:`foundation.image_store`: ``uint8`` RGB images, memory-mapped). Such a task keeps its images ``uint8`` and
 turns each batch into normalised floats when it is fetched (CLIP's mean and std with ``normalize: clip``), and
 stamps its trigger per batch on the poisoned rows, so eight 224 x 224 tasks fit in a few MB of RAM.
 """
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from datamodules import image_store
+from foundation import image_store
 from datamodules.base import BackdoorDataModule, TensorBatchDataset, _already_batched
 from datamodules.poisoning import Poisoning
 from datamodules.sources import load_image_dataset
@@ -43,7 +43,7 @@ class ImageTask:
     Args:
         name: the task's name in logs (``test/<name>/acc``) and tables.
         dataset: source images (``digits`` are 8x8 and get resized), or the directory of an exported hub dataset
-            (``python -m recipes.export_images``; a path, e.g. ``data/clip/sun397``).
+            (``python -m foundation.export_images``; a path, e.g. ``data/clip/sun397``).
         labels: ``class``, ``parity`` (digits mod 2) or ``rotation`` (0/90/180/270 degrees); exported datasets
             have ``class`` labels only.
         poisoning: the task's backdoor; with ``rate: 0`` only the triggered evaluation set is built.
@@ -150,11 +150,11 @@ def build_task(task: ImageTask, image_size: int, seed: int) -> TaskSplits:
 def build_exported_task(task: ImageTask, image_size: int, seed: int) -> TaskSplits:
     """:func:`build_task` for an exported directory: the same seeded train/validation split of the training images
     and the same poisoning choice (:meth:`Poisoning.select`), but the splits are lazy
-    :class:`~datamodules.image_store.ImageArray` views (``uint8`` on disk, decoded, triggered and normalised per
+    :class:`~foundation.image_store.ImageArray` views (``uint8`` on disk, decoded, triggered and normalised per
     batch) instead of float tensors."""
     if "/" not in task.dataset and not task.dataset.startswith("."):
         raise ValueError(f"unknown image dataset {task.dataset!r}: use one of {BUILTIN_DATASETS} or the path of a "
-                         "directory exported by `python -m recipes.export_images`")  # fmt: skip
+                         "directory exported by `python -m foundation.export_images`")  # fmt: skip
     meta = image_store.read_meta(task.dataset)
     if task.labels != "class":
         raise ValueError(f"labels={task.labels!r} is defined for the built-in datasets; {task.dataset} has class "

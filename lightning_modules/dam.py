@@ -192,7 +192,7 @@ class DAM(AdaMerging):
         """Write the mask logits to ``<log dir>/dam_masks.safetensors`` (atomically), for ``masks_from``."""
         from safetensors.torch import save
 
-        from recipes.artifacts import atomic_write_bytes
+        from foundation.artifacts import atomic_write_bytes
 
         if self.trainer.log_dir is not None and self.trainer.is_global_zero:
             logits = {k: v.cpu().contiguous() for k, v in self._logits().items()}

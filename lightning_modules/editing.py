@@ -28,7 +28,7 @@ from lightning_modules import editing_stats as S
 from lightning_modules.base import BaseRecipe
 from lightning_modules.editing_eval import EditMetrics
 from lightning_modules.ops import editing as E
-from recipes import assets
+from foundation import assets
 
 # hyper-parameters the target-vector optimisation reads (the cache key); the update's λ is not among them
 TARGET_HPARAMS = ("layer_module_tmp", "v_lr", "v_num_grad_steps", "v_weight_decay", "clamp_norm_factor", "kl_factor",

@@ -24,7 +24,7 @@ from torch import nn
 
 from lightning_modules.classifier import ClassifierRecipe
 from lightning_modules.ops import finemixing as ops
-from recipes.artifacts import load_artifact, parent_record
+from foundation.artifacts import load_artifact, parent_record
 
 
 class SuspectFineTuning(ClassifierRecipe):
@@ -38,7 +38,7 @@ class SuspectFineTuning(ClassifierRecipe):
 
     Args:
         net: the classifier network; its built weights are the clean pretrained ones, unless ``reference``.
-        suspect: artifact (``recipes.artifacts``) with the suspect fine-tuned weights of the whole recipe
+        suspect: artifact (``foundation.artifacts``) with the suspect fine-tuned weights of the whole recipe
             (``net.*`` keys, as ``ClassifierRecipe`` exports them); ``None``: ``net``'s built weights are
             the suspect (e.g. its spec names a fine-tuned checkpoint), then ``reference`` is needed.
         reference: a network whose built weights are ``w_pre`` (same architecture as ``net``); ``None``:

@@ -30,7 +30,7 @@ from lightning_modules.base import BaseRecipe
 from lightning_modules.classifier import ClassifierRecipe
 from lightning_modules.metrics import AttackSuccessRate
 from lightning_modules.ops import merging as ops
-from recipes.artifacts import load_artifact, parent_record
+from foundation.artifacts import load_artifact, parent_record
 
 
 class MergeRule:

@@ -50,8 +50,8 @@ from torch import nn
 from lightning_modules.classifier import ClassifierRecipe
 from lightning_modules.nets.hf import HFSequenceClassifier, LoraSpec, load_hf_model
 from lightning_modules.ops import distill
-from recipes import assets
-from recipes.artifacts import load_artifact, parent_record
+from foundation import assets
+from foundation.artifacts import load_artifact, parent_record
 
 
 def _load_net_weights(net: nn.Module, path: str, sha256: str | None, what: str) -> dict:

@@ -21,7 +21,7 @@ from datamodules.poisoning import Poisoning
 from datamodules.triggers import Patch
 from lightning_modules import DAM, DAMPermutedMasks
 from lightning_modules.ops import merging as ops
-from recipes.artifacts import save_artifact
+from foundation.artifacts import save_artifact
 
 SIDE, HIDDEN, CLASSES, TARGET = 4, 8, 4, 0
 TRIGGER_COLS = list(range(12, 16))  # the bottom row of a 4x4 image, flattened

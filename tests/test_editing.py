@@ -5,7 +5,7 @@ import torch
 
 from datamodules import CounterFactDataModule, EditRecord
 from lightning_modules import MEMIT, NAMET, CausalLM, editing_stats
-from recipes import assets
+from foundation import assets
 
 TINY = {"num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
         "num_key_value_heads": 2}

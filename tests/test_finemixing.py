@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lightning_modules.ops import finemixing as ops
-from recipes.artifacts import load_artifact
+from foundation.artifacts import load_artifact
 from recipes.reproduce import load_comparisons, reproduce
 from tests.helpers import TINY, artifact_of, run_cli
 

@@ -15,12 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("foundation", "lightning_modules", "datamodules", "callbacks", "recipes")
 LAYERS = ["foundation", "ops", "nets/data", "methods", "callbacks", "recipes"]
 
-# Files that other issues are rewriting still import ``recipes.artifacts``/``recipes.assets`` (kept importable by
-# aliases in recipes/); their imports move to ``foundation`` when those branches are merged.
-PENDING = {
-    "lightning_modules/editing.py", "lightning_modules/w2sdefense.py", "lightning_modules/finemixing.py",
-    "lightning_modules/merging.py", "lightning_modules/dam.py",
-}  # fmt: skip
+PENDING: set[str] = set()  # files allowed to import upward (none)
 
 
 def layer_of(module: str) -> str | None:
@@ -92,7 +87,7 @@ def test_imports_never_run_back_up(path):
 
 def test_recipes_is_only_the_cli_and_the_reproduction_runner():
     modules = {p.stem for p in (REPO / "recipes").glob("*.py")} - {"__init__", "__main__"}
-    aliases = {"artifacts", "assets"}  # moved to foundation; import aliases for the other branches
+    aliases: set[str] = set()
     gpu_check = {"gpu_check", "gpu_plan", "standins"}  # the GPU check's command, its config planner and stand-ins
     assert modules - aliases - gpu_check == {
         "cli", "errors", "overview", "quiet", "renamed_keys", "reproduce", "resume", "tamper"}  # the CLI's parts

@@ -22,7 +22,7 @@ from lightning_modules import (
     Ties,
 )
 from lightning_modules.nets import MnistCNN
-from recipes.artifacts import load_artifact
+from foundation.artifacts import load_artifact
 from tests.helpers import TINY, artifact_of, run_cli
 
 POOL = Path(__file__).parent / "assets" / "merging" / "dam" / "pool"

@@ -20,7 +20,7 @@ from lightning_modules import (
     Ties,
 )
 from lightning_modules.nets.clip import FrozenLinear
-from recipes.artifacts import load_artifact
+from foundation.artifacts import load_artifact
 from tests.clip_pool import CLIP_ASSETS, ROOT, artifact
 from tests.helpers import TINY, artifact_of, run_cli
 

@@ -14,7 +14,7 @@ import math
 import statistics
 from pathlib import Path
 
-from recipes.artifacts import atomic_write_text
+from foundation.artifacts import atomic_write_text
 from recipes.reproduce import COMPARISONS, Comparison, Stage
 
 _FT = "merging/task_finetune.yaml"
