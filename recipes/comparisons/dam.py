@@ -76,19 +76,26 @@ METHODS = {
 }
 
 
+def merge_stages(methods: dict, pool: list[str], config_dir: str, group: str, title: str) -> list[Stage]:
+    """One stage per (method, merge seed) on the same pool: the merge seed sets the run seed, the data order
+    (``shuffle_seed``) and DAM's mask seed; ``{merge_seed}`` and ``{group}`` in a method's overrides are filled in.
+    A method the merge seed does not change (``seeded`` False) runs once. Shared by ``dam`` and ``dam_clip``."""
+    stages = []
+    for key, (cfg, extra, label, seeded) in methods.items():
+        for s in MERGE_SEEDS if seeded else MERGE_SEEDS[:1]:
+            seed = [f"--seed_everything={s}", f"--data.init_args.shuffle_seed={s}"]
+            if Path(cfg).stem.split("_")[-1] == "dam":  # DAM and its control take the mask seed
+                seed.append(f"--model.init_args.mask_seed={s}")
+            extra_s = [e.replace("{merge_seed}", str(s)).replace("{group}", group) for e in extra]
+            stages.append(Stage(f"{group}/{key}/m{s}", f"{config_dir}/{cfg}", [*pool, *seed, *extra_s], title,
+                                f"{label}, merge seed {s}"))  # fmt: skip
+    return stages
+
+
 def _merges() -> list[Stage]:
     models = ",".join(f"{{artifact:pool/{m}}}" for m in ("mnist_badnets", "fashion_clean", "digits"))
     pool = [_PRE, f"--model.init_args.task_models=[{models}]", *_DATA]
-    stages = []
-    for key, (cfg, extra, label, seeded) in METHODS.items():
-        for s in MERGE_SEEDS if seeded else MERGE_SEEDS[:1]:
-            seed = [f"--seed_everything={s}", f"--data.init_args.shuffle_seed={s}"]
-            if cfg == "pool_dam.yaml":
-                seed.append(f"--model.init_args.mask_seed={s}")
-            stages.append(Stage(f"merge/{key}/m{s}", f"merging/{cfg}",
-                                [*pool, *seed, *(e.replace("{merge_seed}", str(s)) for e in extra)],
-                                "merges of one pool (run seed = pool seed)", f"{label}, merge seed {s}"))  # fmt: skip
-    return stages
+    return merge_stages(METHODS, pool, "merging", "merge", "merges of one pool (run seed = pool seed)")
 
 
 def _runs(results: dict, key: str) -> dict[tuple[int, int], dict]:

@@ -13,9 +13,9 @@ recipes/comparisons/dam.py). ``--tiny`` is not supported (the twins' pool is tes
 
 from __future__ import annotations
 
+from recipes.comparisons.dam import merge_stages
 from recipes.reproduce import COMPARISONS, Comparison, Stage
 
-MERGE_SEEDS = (0, 1, 2)
 
 DATA = "data/clip"
 # task -> (classes, epochs): Ilharco et al.'s epochs for about 2,000 steps of batch 128 (task_vectors' finetune.py).
@@ -72,16 +72,7 @@ def _merges(backdoors: int) -> list[Stage]:
             "--data.init_args.seed={seed}"]  # fmt: skip
     group = f"merge/bd{backdoors}"
     title = f"{backdoors} backdoored model{'s' if backdoors > 1 else ''} in the pool"
-    stages = []
-    for key, (cfg, extra, label, seeded) in METHODS.items():
-        for s in MERGE_SEEDS if seeded else MERGE_SEEDS[:1]:
-            seed = [f"--seed_everything={s}", f"--data.init_args.shuffle_seed={s}"]
-            if cfg == "dam.yaml":
-                seed.append(f"--model.init_args.mask_seed={s}")
-            extra_s = [e.replace("{merge_seed}", str(s)).replace("{group}", group) for e in extra]
-            stages.append(Stage(f"{group}/{key}/m{s}", f"merging/clip/{cfg}", [*pool, *seed, *extra_s], title,
-                                f"{label}, merge seed {s}"))  # fmt: skip
-    return stages
+    return merge_stages(METHODS, pool, "merging/clip", group, title)
 
 
 COMPARISONS["dam_clip"] = Comparison(
