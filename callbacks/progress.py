@@ -127,10 +127,11 @@ class FinalMetrics(pl.Callback):
         self._start = time.monotonic()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must call it, not rank 0 alone
         if trainer.is_global_zero and not trainer.sanity_checking:
             unit = getattr(pl_module, "progress_step_name", "step")
             title = (f"final metrics of fit ({trainer.current_epoch} epochs, {trainer.global_step} {unit}s, "
-                     f"{_duration(time.monotonic() - self._start)}; logs in {trainer.log_dir})")  # fmt: skip
+                     f"{_duration(time.monotonic() - self._start)}; logs in {log_dir})")  # fmt: skip
             print(metrics_table(scalar_metrics(trainer), title), flush=True)
 
     def _eval_end(self, trainer: pl.Trainer, loop: Any, stage: str) -> None:
