@@ -129,6 +129,6 @@ def test_demo_is_the_fl_job_shortened_with_both_arms(monkeypatch):
         cli = main(args, run=False)
         assert cli.trainer.max_steps == 30
         attack = cli.model.attack
-        assert (attack.start_round, attack.end_round, attack.malicious_clients) == (15, 25, [0])
+        assert (attack.schedule.start_round, attack.schedule.end_round, attack.schedule.malicious_clients) == (15, 25, [0])
         aggregators.append(type(cli.model.aggregator).__name__)
     assert aggregators == ["FedAvg", "NormClipping"]
