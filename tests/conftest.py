@@ -1,6 +1,8 @@
 """Test isolation: seeded, default dtype reset, no process group left behind, runs under tmp dirs."""
 
+import hashlib
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,11 +48,20 @@ def _build_merge_pool(tmp_path_factory) -> None:
     from recipes.reproduce import COMPARISONS, load_comparisons, reproduce
 
     load_comparisons()
-    stages = [s.key for s in COMPARISONS["dam"].stages if s.key.startswith("pool/")]
-    if all((MERGE_POOL / "dam" / key / "seed0" / "artifact" / "manifest.json").exists() for key in stages):
+    stages = [s for s in COMPARISONS["dam"].stages if s.key.startswith("pool/")]
+    # the cache is keyed by the pool's recipe (stage overrides and the twins' configs), so a pool built by an older
+    # version of the recipe is rebuilt instead of silently reused
+    recipe = repr([(s.key, s.config, s.overrides) for s in stages])
+    recipe += "".join(p.read_text() for p in sorted((ROOT / "tests" / "configs" / "merging").glob("*.yaml")))
+    digest = hashlib.sha256(recipe.encode()).hexdigest()
+    stamp = MERGE_POOL / "dam" / "recipe.sha256"
+    built = all((MERGE_POOL / "dam" / s.key / "seed0" / "artifact" / "manifest.json").exists() for s in stages)
+    if built and stamp.exists() and stamp.read_text() == digest:
         return
+    shutil.rmtree(MERGE_POOL / "dam", ignore_errors=True)
     reproduce("dam", seeds=[0], root=MERGE_POOL.relative_to(ROOT), out=tmp_path_factory.mktemp("pool"), tiny=True,
               only=["pool/"])
+    stamp.write_text(digest)
 
 
 def _build_clip_pool(tmp_path_factory) -> None:
