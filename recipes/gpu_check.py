@@ -101,7 +101,10 @@ def run_check(check: Check, args, scratch: Path) -> dict:
     for note in plan.notes:
         print(f"   stand-in {note}", flush=True)
     accelerator = "cpu" if args.cpu else "gpu"
-    old = {k: os.environ.get(k) for k in plan.env}
+    # the whole environment comes back afterwards: besides plan.env, Lightning's DDP launcher writes LOCAL_RANK,
+    # NODE_RANK and MASTER_ADDR/PORT into os.environ even for one process, and a later `fit` in this process (or a
+    # child that inherits them) would then wait for ranks that an outside launcher was supposed to start
+    old = dict(os.environ)
     os.environ.update(plan.env)
     try:
         if check.processes == 1:
@@ -113,8 +116,8 @@ def run_check(check: Check, args, scratch: Path) -> dict:
         subprocess.run(cmd, check=True, cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": str(REPO)})
         return json.loads(out.read_text().splitlines()[0])
     finally:
-        for k, v in old.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        os.environ.clear()
+        os.environ.update(old)
 
 
 def _fmt(value, digits: int = 2) -> str:

@@ -142,6 +142,9 @@ class Plan:
             model["stats_tokens"] = min(model.get("stats_tokens", self.stats_tokens), self.stats_tokens)
             self.notes.append(f"{where}: {args['num_edits']} edits, {model['stats_tokens']} statistics tokens")
         model["stats_dir"] = str(self.scratch / "editing-stats")
+        if model.get("targets_dir"):  # a cache hit would skip the forward passes the check is there to watch
+            model["targets_dir"] = None
+            self.notes.append(f"{where}: target-vector cache off (every check computes its targets)")
         source = args.get("source", "country-facts")
         if source != "country-facts" and (self.synthetic or not Path(source).exists()):
             path = self.scratch / "data" / "counterfact.json"

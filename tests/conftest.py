@@ -20,14 +20,25 @@ def pytest_configure(config):
         config.addinivalue_line("filterwarnings", f"ignore:{pattern}")
 
 
+# variables through which a process learns that an outside launcher started it as one rank of several; one left
+# in os.environ makes every later `fit` with devices=2 (and its children) wait for ranks nobody starts
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR",
+                 "MASTER_PORT")  # fmt: skip
+
+
 @pytest.fixture(autouse=True)
 def _isolation(tmp_path, monkeypatch):
     torch.manual_seed(0)
     torch.set_num_threads(1)  # small models: threads only add contention (and CI has 2 cores)
     torch.set_default_dtype(torch.float32)
+    before = {k: os.environ.get(k) for k in LAUNCHER_VARS}
     yield
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    leaked = {k: os.environ.get(k) for k in LAUNCHER_VARS if os.environ.get(k) != before[k]}
+    for k, v in before.items():  # restore first, so one leak does not hang the rest of the session
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    assert not leaked, f"the test left launcher variables in os.environ: {leaked}"
 
 
 @pytest.fixture
