@@ -1,7 +1,7 @@
 """LightningDataModules, triggers and poisoning (data transformations)."""
 
 from datamodules.base import BackdoorDataModule, TensorBatchDataset
-from datamodules.federated import FederatedDataModule
+from datamodules.federated import FeatureShiftFederatedDataModule, FederatedDataModule
 from datamodules.images import ImageClassificationDataModule
 from datamodules.poisoning import Poisoning
 from datamodules.text import TextClassificationDataModule, load_tokenizer
@@ -19,6 +19,7 @@ from datamodules.triggers import (
 __all__ = [
     "BackdoorDataModule",
     "Blend",
+    "FeatureShiftFederatedDataModule",
     "FederatedDataModule",
     "ImageClassificationDataModule",
     "ImageTrigger",

@@ -144,12 +144,17 @@ class FederatedDataModule(BackdoorDataModule):
     def client_data(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Client ``i``'s clean training images (normalised, ``[n_i, C, H, W]``) and labels."""
         idx = self.client_train_idx[i]
-        return self.train_x[idx], self.train_y[idx]
+        return self.client_view(i, self.train_x[idx]), self.train_y[idx]
 
     def client_test(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Client ``i``'s own test split (empty when ``client_test_fraction`` is 0)."""
         idx = self.client_test_idx[i]
-        return self.train_x[idx], self.train_y[idx]
+        return self.client_view(i, self.train_x[idx]), self.train_y[idx]
+
+    def client_view(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """How client ``i`` sees normalised images ``x`` (its train and test splits alike): the hook for a
+        per-client feature shift (:class:`FeatureShiftFederatedDataModule`); here unchanged."""
+        return x
 
     def num_samples(self, i: int) -> int:
         """Number of training samples of client ``i`` (FedAvg's weight)."""
@@ -229,3 +234,55 @@ class RoundLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._start = state["position"] % self.rounds
+
+
+SHIFTS = ("none", "rot90", "rot180", "rot270", "invert", "hflip")
+
+
+def shift_pixels(x: torch.Tensor, shift: str) -> torch.Tensor:
+    """One feature shift of pixel-space images ``[N, C, H, W]`` in ``[0, 1]``: a rotation by 90/180/270 degrees,
+    inversion (``1 - x``), a horizontal flip, or ``none``."""
+    if shift == "none":
+        return x
+    if shift.startswith("rot"):
+        return torch.rot90(x, int(shift[3:]) // 90, dims=(-2, -1))
+    if shift == "invert":
+        return 1.0 - x
+    if shift == "hflip":
+        return x.flip(-1)
+    raise ValueError(f"unknown shift {shift!r}; choose from {SHIFTS}")
+
+
+class FeatureShiftFederatedDataModule(FederatedDataModule):
+    """:class:`FederatedDataModule` whose clients fall into groups that see the images differently: client ``i``
+    belongs to group ``i % len(shifts)`` and sees every image (train and own test split) through that group's
+    :func:`shift_pixels`. Label skew (the partition) and feature shift together leave no fixed split into shared
+    and personal layers right for every client: a personal head fits the label skew, a personal body the shift
+    (the setting FedSelect's per-parameter selection is built for; cf. its CIFAR-10C experiments). The global
+    test set stays unshifted.
+
+    Args:
+        shifts: one shift per group, from ``none``, ``rot90``, ``rot180``, ``rot270``, ``invert``, ``hflip``.
+
+    The arguments of :class:`FederatedDataModule` pass through.
+    """
+
+    def __init__(self, shifts: list[str] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.shifts = list(shifts or ["none", "rot90", "invert", "rot180"])
+        bad = [s for s in self.shifts if s not in SHIFTS]
+        if bad:
+            raise ValueError(f"unknown shifts {bad}; choose from {list(SHIFTS)}")
+
+    def client_shift(self, i: int) -> str:
+        """The shift of client ``i``'s group."""
+        return self.shifts[i % len(self.shifts)]
+
+    def client_view(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        shift = self.client_shift(i)
+        return x if shift == "none" else self.normalize(shift_pixels(self.denormalize(x), shift))
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out["federated"]["shifts"] = self.shifts
+        return out

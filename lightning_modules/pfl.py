@@ -174,10 +174,11 @@ class PersonalizedFedAvg(FederatedRecipe):
                 "info": {"personal_fraction": personal, "unshared_fraction": (count == 0).float().mean()}}  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ evaluation
-    def personalized_model(self, client: int, dm: Any) -> nn.Module:
-        """The model that client ``client`` is evaluated with (see ``eval_model`` and ``finetune_epochs``)."""
+    def personalized_model(self, client: int, dm: Any, eval_model: str | None = None) -> nn.Module:
+        """The model that client ``client`` is evaluated with (``eval_model``: default this recipe's; see
+        ``finetune_epochs``)."""
         own = self.clients["params"][client]
-        params = self.client_start(client) if self.eval_model == "broadcast" else own
+        params = self.client_start(client) if (eval_model or self.eval_model) == "broadcast" else own
         model = self._model(params, self.clients["buffers"][client])
         if self.finetune_epochs:
             x, y = (t.to(self.device) for t in dm.client_data(client))
@@ -187,11 +188,11 @@ class PersonalizedFedAvg(FederatedRecipe):
         return model
 
     @torch.no_grad()
-    def client_accuracies(self, dm: Any) -> Tensor:
+    def client_accuracies(self, dm: Any, eval_model: str | None = None) -> Tensor:
         """Each client's accuracy ``[N]`` on its own test split with its personalized model."""
         accs = []
         for c in range(dm.num_clients):
-            model = self.personalized_model(c, dm).eval()
+            model = self.personalized_model(c, dm, eval_model).eval()
             x, y = (t.to(self.device) for t in dm.client_test(c))
             pred = torch.cat([model(xb).argmax(-1) for xb in x.split(dm.eval_batch_size)])
             accs.append((pred == y).float().mean())
@@ -206,6 +207,11 @@ class PersonalizedFedAvg(FederatedRecipe):
                  "personal_fraction": self.clients["personal"].float().mean()}  # fmt: skip
         if per_client:
             stats.update({f"pacc_client{c}": a for c, a in enumerate(accs)})
+            other = "local" if self.eval_model == "broadcast" else "broadcast"
+            with torch.inference_mode(False):
+                others = self.client_accuracies(self.trainer.datamodule, other)
+            stats.update({f"pacc_{self.eval_model}": accs.mean(), f"pacc_{other}": others.mean(),
+                          f"pacc_min_{other}": others.min()})  # fmt: skip
         self.log_dict({f"{split}/{k}": v for k, v in stats.items()}, prog_bar=False)
 
     def on_validation_epoch_end(self) -> None:
@@ -213,6 +219,7 @@ class PersonalizedFedAvg(FederatedRecipe):
             self.log_personalized("val", per_client=False)
 
     def on_test_epoch_end(self) -> None:
+        """Test: per-client accuracies, and both evaluations side by side (``pacc_broadcast``, ``pacc_local``)."""
         self.log_personalized("test", per_client=True)
 
     # ------------------------------------------------------------------------------------------ checkpoints

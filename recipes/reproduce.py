@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -113,6 +114,15 @@ def _fmt(values: list[float], percent: bool = True) -> str:
     if len(values) == 1:
         return f"{mean:.1f}"
     return f"{mean:.1f} ± {statistics.stdev(values) * scale:.1f}"
+
+
+def mean_se(values: list[float]) -> str:
+    """``mean ± standard error`` (the standard deviation over ``sqrt(n)``) with one decimal; ``–`` when empty."""
+    if not values:
+        return "–"
+    mean = statistics.fmean(values)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return f"{mean:.1f} ± {se:.1f}"
 
 
 def summarize(comp: Comparison, results: dict[str, list[dict]]) -> str:

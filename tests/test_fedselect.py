@@ -275,3 +275,58 @@ def test_class_partition_errors_and_datamodule():
     dm.setup()
     for c in range(10):  # the client's own test split has the same two classes as its training data
         assert set(dm.client_data(c)[1].tolist()) == set(dm.client_test(c)[1].tolist()) and len(set(dm.client_data(c)[1].tolist())) == 2
+
+
+def test_evaluation_after_local_training_and_after_broadcast_are_both_logged_at_test():
+    """``test/pacc`` is the configured score; ``pacc_local`` is each client's model right after its local training
+    (the official protocol), ``pacc_broadcast`` its personal entries with the server's new shared ones."""
+    recipe = make(eval_model="local")
+    fit(recipe, make_dm(), 3)
+    dm = recipe.trainer.datamodule
+    m = recipe.trainer.test(recipe, dm, verbose=False)[0]
+    assert abs(m["test/pacc"] - m["test/pacc_local"]) < 1e-6
+    for eval_model in ("local", "broadcast"):
+        expected = float(recipe.client_accuracies(dm, eval_model).mean())
+        assert abs(m[f"test/pacc_{eval_model}"] - expected) < 1e-6, eval_model
+    fedavg = make(PersonalizedFedAvg)
+    fit(fedavg, make_dm(), 2)
+    dm = fedavg.trainer.datamodule
+    x, y = dm.client_test(2)
+    local = fedavg._model(fedavg.clients["params"][2], fedavg.clients["buffers"][2])  # FedAvg: its last local model
+    assert abs(float((local(x).argmax(-1) == y).float().mean()) - float(fedavg.client_accuracies(dm, "local")[2])) < 1e-6
+    assert not torch.equal(fedavg.client_accuracies(dm, "local"), fedavg.client_accuracies(dm, "broadcast"))
+
+
+def test_shift_pixels_by_hand():
+    from datamodules.federated import shift_pixels
+
+    x = torch.tensor([[[[0.0, 0.1], [0.2, 0.3]]]])
+    assert torch.equal(shift_pixels(x, "rot90"), torch.tensor([[[[0.1, 0.3], [0.0, 0.2]]]]))
+    assert torch.equal(shift_pixels(x, "rot180"), torch.tensor([[[[0.3, 0.2], [0.1, 0.0]]]]))
+    assert torch.equal(shift_pixels(x, "rot270"), torch.tensor([[[[0.2, 0.0], [0.3, 0.1]]]]))
+    assert torch.equal(shift_pixels(x, "hflip"), torch.tensor([[[[0.1, 0.0], [0.3, 0.2]]]]))
+    torch.testing.assert_close(shift_pixels(x, "invert"), torch.tensor([[[[1.0, 0.9], [0.8, 0.7]]]]))
+    assert shift_pixels(x, "none") is x
+    with pytest.raises(ValueError, match="unknown shift 'blur'"):
+        shift_pixels(x, "blur")
+
+
+def test_feature_shift_groups_see_their_shift_on_train_and_own_test_and_the_global_test_is_plain():
+    from datamodules.federated import FeatureShiftFederatedDataModule, shift_pixels
+
+    args = dict(dataset="digits", num_clients=6, partition="shards", shards_per_client=3, client_test_fraction=0.5,
+                rounds_per_epoch=2, eval_batch_size=300, seed=0)  # fmt: skip
+    plain, shifted = FederatedDataModule(**args), FeatureShiftFederatedDataModule(shifts=["none", "rot90", "invert"], **args)
+    plain.setup(), shifted.setup()
+    for c in range(6):
+        shift = ["none", "rot90", "invert"][c % 3]
+        assert shifted.client_shift(c) == shift
+        for split in ("client_data", "client_test"):
+            (xp, yp), (xs, ys) = getattr(plain, split)(c), getattr(shifted, split)(c)
+            assert torch.equal(yp, ys) and len(ys) > 0
+            torch.testing.assert_close(xs, plain.normalize(shift_pixels(plain.denormalize(xp), shift)))
+            assert torch.equal(xs, xp) == (shift == "none")
+    assert torch.equal(plain.val_sets[0].tensors[0], shifted.val_sets[0].tensors[0])
+    assert shifted.describe()["federated"]["shifts"] == ["none", "rot90", "invert"]
+    with pytest.raises(ValueError, match="unknown shifts \\['blur'\\]"):
+        FeatureShiftFederatedDataModule(shifts=["none", "blur"], **args)

@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 from foundation.artifacts import atomic_write_text
-from recipes.reproduce import COMPARISONS, Comparison, Stage
+from recipes.reproduce import COMPARISONS, Comparison, Stage, mean_se
 
 _FT = "merging/task_finetune.yaml"
 _PRE = "--model.init_args.pretrained={artifact:pool/pretrained}"
@@ -109,14 +109,6 @@ def _runs(results: dict, key: str) -> dict[tuple[int, int], dict]:
     return out
 
 
-def _mean_se(values: list[float]) -> str:
-    if not values:
-        return "–"
-    mean = statistics.fmean(values)
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return f"{mean:.1f} ± {se:.1f}"
-
-
 def paired_table(results: dict) -> str:
     """Markdown: per method, mean ± standard error of accuracy, ASR and DAM's mask statistics over its runs (pool x
     merge seed; once per pool for a rule the merge seed does not change), and DAM's paired difference to the
@@ -137,9 +129,9 @@ def paired_table(results: dict) -> str:
         d_asr = [(dam[p]["test/asr"] - runs[p]["test/asr"]) * 100 for p in pairs]
         kept = [m["mask/kept"] * 100 for m in runs.values() if "mask/kept" in m]
         moved = [m["mask/shared_moved"] * 100 for m in runs.values() if "mask/shared_moved" in m]
-        rows.append(f"| {label} | {len(own)} | {_mean_se(acc)} | {_mean_se(asr)} | "
-                    f"{_mean_se(d_acc) if key != 'dam' else '–'} | {_mean_se(d_asr) if key != 'dam' else '–'} | "
-                    f"{_mean_se(kept)} | {_mean_se(moved)} |")  # fmt: skip
+        rows.append(f"| {label} | {len(own)} | {mean_se(acc)} | {mean_se(asr)} | "
+                    f"{mean_se(d_acc) if key != 'dam' else '–'} | {mean_se(d_asr) if key != 'dam' else '–'} | "
+                    f"{mean_se(kept)} | {mean_se(moved)} |")  # fmt: skip
     return "\n".join(rows)
 
 
