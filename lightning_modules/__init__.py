@@ -14,7 +14,7 @@ from lightning_modules.federated import (
     NormClipping, PGDPoisoning, ServerDefense, TrimmedMean,
 )
 from lightning_modules.fedselect import FedSelect
-from lightning_modules.finemixing import EPUR, FineMixing, SuspectFineTuning
+from lightning_modules.finemixing import EPUR, FineMixing
 from lightning_modules.memit import MEMIT
 from lightning_modules.merging import AdaMerging, Dare, MergeRecipe, MergeRule, TaskArithmetic, TaskFineTuning, Ties
 from lightning_modules.metrics import AttackSuccessRate
@@ -24,6 +24,7 @@ from lightning_modules.nets.causal_lm import CausalLM
 from lightning_modules.nets.clip import CLIPImageClassifier
 from lightning_modules.nets.split_lm import SplitCausalLM
 from lightning_modules.pfl import Ditto, FedPer, LGFedAvg, PersonalizedFedAvg
+from lightning_modules.suspect_finetuning import SuspectFineTuning
 from lightning_modules.tamper import TamperAttack
 from lightning_modules.tar import GradientAscent, NoSafeguard, RandomMapping, Safeguard, TAR
 from lightning_modules.trojandam import TrojanDam
