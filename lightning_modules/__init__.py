@@ -5,6 +5,7 @@ imports every method, so a config may name a class by its bare name (``class_pat
 adds one line below, in module order, and its names to ``__all__``.
 """
 
+from lightning_modules.adamerging import AdaMerging
 from lightning_modules.base import BaseRecipe
 from lightning_modules.chameleon import ChameleonAttack
 from lightning_modules.classifier import ClassifierRecipe
@@ -16,7 +17,8 @@ from lightning_modules.federated import (
 from lightning_modules.fedselect import FedSelect
 from lightning_modules.finemixing import EPUR, FineMixing
 from lightning_modules.memit import MEMIT
-from lightning_modules.merging import AdaMerging, Dare, MergeRecipe, MergeRule, TaskArithmetic, TaskFineTuning, Ties
+from lightning_modules.merge_rules import Dare, MergeRule, TaskArithmetic, Ties
+from lightning_modules.merging import MergeRecipe, TaskFineTuning
 from lightning_modules.metrics import AttackSuccessRate
 from lightning_modules.namet import NAMET
 from lightning_modules.nets import HFSequenceClassifier, LoraSpec, MnistCNN
