@@ -21,6 +21,18 @@ from foundation.artifacts import load_artifact, parent_record
 from lightning_modules.classifier import ClassifierRecipe
 
 
+def refuse_poisoned_training_set(recipe: ClassifierRecipe, does: str) -> None:
+    """Raise if the recipe's DataModule poisoned training samples: a defense ``does`` (fine-tunes, unlearns) on clean
+    data (its ``require_clean_data``)."""
+    mask = getattr(recipe.trainer.datamodule, "poison_mask", None)
+    if mask is not None and bool(mask.any()):
+        raise ValueError(
+            f"{type(recipe).__name__} {does} on clean data, but the DataModule poisoned {int(mask.sum())} training "
+            "samples: set data.init_args.poisoning.init_args.rate: 0 (the triggered evaluation set is still built), "
+            "or require_clean_data: false"
+        )
+
+
 class SuspectFineTuning(ClassifierRecipe):
     """Plain fine-tuning of a suspect model on a small clean set: the baseline of Fine-mixing, and the base of
     every defense that starts from a suspect artifact and the clean pretrained weights.
@@ -99,13 +111,8 @@ class SuspectFineTuning(ClassifierRecipe):
     # ------------------------------------------------------------------ the defense
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        mask = getattr(self.trainer.datamodule, "poison_mask", None)
-        if self.require_clean_data and mask is not None and bool(mask.any()):
-            raise ValueError(
-                f"{type(self).__name__} fine-tunes on clean data, but the DataModule poisoned {int(mask.sum())} "
-                "training samples: set data.init_args.poisoning.init_args.rate: 0 (the triggered evaluation set "
-                "is still built), or require_clean_data: false"
-            )
+        if self.require_clean_data:
+            refuse_poisoned_training_set(self, "fine-tunes")
 
     def on_fit_start(self) -> None:
         if self._purified:  # resumed from a checkpoint of this defense: already done

@@ -50,6 +50,7 @@ from torch import nn
 from lightning_modules.classifier import ClassifierRecipe
 from lightning_modules.nets.hf import HFSequenceClassifier, LoraSpec, load_hf_model
 from lightning_modules.ops import distill
+from lightning_modules.suspect_finetuning import refuse_poisoned_training_set
 from foundation import assets
 from foundation.artifacts import load_artifact, parent_record
 
@@ -189,13 +190,8 @@ class PEFTUnlearning(ClassifierRecipe):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        mask = getattr(self.trainer.datamodule, "poison_mask", None)
-        if self.require_clean_data and mask is not None and bool(mask.any()):
-            raise ValueError(
-                f"{type(self).__name__} unlearns on clean data, but the DataModule poisoned {int(mask.sum())} training "
-                "samples: set data.init_args.poisoning.init_args.rate: 0 (the triggered evaluation set is still "
-                "built), or require_clean_data: false"
-            )
+        if self.require_clean_data:
+            refuse_poisoned_training_set(self, "unlearns")
 
     def on_validation_end(self) -> None:
         if not self.restore_best_val or self.trainer.sanity_checking:
