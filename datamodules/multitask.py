@@ -198,24 +198,15 @@ class TaskImageDataModule(BackdoorDataModule):
     Args:
         task: the task (its ``poisoning`` backdoors the training split).
         image_size: side every image is resized to (the pool shares one backbone, so one size).
-        batch_size: batch size per process.
         eval_batch_size: batch size of evaluation loaders.
-        shuffle: shuffle the training set every epoch.
-        num_workers: DataLoader worker processes.
-        seed: seed of subsetting, the validation split and rotations.
+
+    The arguments of :class:`~datamodules.base.BackdoorDataModule` pass through (``batch_size``, ``shuffle``,
+    ``num_workers``, ``seed``: of subsetting, the validation split and rotations), all but ``poisoning``: the
+    task's.
     """
 
-    def __init__(
-        self,
-        task: ImageTask,
-        image_size: int = 28,
-        batch_size: int = 64,
-        eval_batch_size: int | None = 1000,
-        shuffle: bool = True,
-        num_workers: int = 0,
-        seed: int = 0,
-    ):
-        super().__init__(task.poisoning, batch_size, eval_batch_size, shuffle, num_workers, seed)
+    def __init__(self, task: ImageTask, image_size: int = 28, eval_batch_size: int | None = 1000, **kwargs):
+        super().__init__(poisoning=task.poisoning, eval_batch_size=eval_batch_size, **kwargs)
         self.task, self.image_size = task, image_size
         # an exported task's class count is in its meta.json (read in setup, which also names a missing export)
         self.num_classes = 0 if task.exported else {"class": 10, "parity": 2, "rotation": 4}[task.labels]

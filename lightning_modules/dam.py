@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
-from lightning_modules.merging import AdaMerging
+from lightning_modules.adamerging import AdaMerging
 from lightning_modules.ops import merging as ops
 
 
@@ -72,11 +72,6 @@ class DAM(AdaMerging):
 
     Args:
         net: the pool's architecture (see :class:`~lightning_modules.merging.MergeRecipe`).
-        pretrained: artifact of the pretrained backbone.
-        task_models: artifacts of the task models, in the DataModule's task order.
-        granularity: ``task`` or ``layer`` merge coefficients.
-        init: initial merge coefficient (0.3, the code).
-        clamp: clamp merge coefficients to ``[0, 1]``.
         mask_epochs: epochs of the mask phase; later epochs re-learn ``lambda`` with the discrete masks fixed.
         temperature: temperature of the relaxed Bernoulli masks (the code: 0.5).
         shared_mask_init: initial logit of the task-shared mask (the code: 0, keep probability 0.5).
@@ -97,21 +92,19 @@ class DAM(AdaMerging):
         masks_from: ``dam_masks.safetensors`` of an earlier run (written to its log dir when its mask phase ends):
             its mask logits replace the initial ones; with ``mask_epochs: 0`` they are used as they are (a control
             on the same learned masks without learning them again).
-        optimizer: optimizer of the merge coefficients (inner step).
         mask_optimizer: optimizer of the mask logits (the code: Adam, lr 1e-3).
         trigger_optimizer: optimizer of the trigger proxy (the code: Adam, lr 1e-4).
         detection_optimizer: optimizer of the detection mask logits (``None``: ``mask_optimizer``).
-        head_prefix: prefix of the head's keys in ``net.state_dict()``.
+
+    The arguments of :class:`~lightning_modules.adamerging.AdaMerging` pass through (``pretrained``, ``task_models``,
+    ``granularity``, ``init``: 0.3 as the code, ``clamp``, ``optimizer``: of the merge coefficients, the inner step,
+    ``head_prefix``).
     """
 
     def __init__(
         self,
         net: nn.Module,
-        pretrained: str,
-        task_models: list[str],
-        granularity: Literal["task", "layer"] = "layer",
-        init: float = 0.3,
-        clamp: bool = True,
+        *,
         mask_epochs: int = 1,
         temperature: float = 0.5,
         shared_mask_init: float = 0.0,
@@ -126,16 +119,12 @@ class DAM(AdaMerging):
         reset_merge_weights: bool = False,
         mask_seed: int = 0,
         masks_from: str | None = None,
-        optimizer: OptimizerCallable = torch.optim.Adam,
         mask_optimizer: OptimizerCallable = torch.optim.Adam,
         trigger_optimizer: OptimizerCallable = torch.optim.Adam,
         detection_optimizer: OptimizerCallable | None = None,
-        head_prefix: str = "head.",
+        **kwargs,
     ):
-        super().__init__(net, pretrained, task_models, granularity, init, clamp, optimizer, head_prefix)
-        self.save_hyperparameters(
-            ignore=["net", "optimizer", "mask_optimizer", "trigger_optimizer", "detection_optimizer"]
-        )
+        super().__init__(net=net, **kwargs)
         if safe_loss not in ("consistency", "entropy"):
             raise ValueError(f"safe_loss must be 'consistency' or 'entropy', got {safe_loss!r}")
         if trigger_norm is not None and trigger_norm <= 0:

@@ -1,8 +1,9 @@
 """Defenses over a given suspect model that use its clean pretrained weights: Fine-mixing and E-PUR
 (Zhang, Lyu, Ma, Wang, Sun, "Fine-mixing: Mitigating Backdoors in Fine-tuned Language Models", EMNLP 2022
-Findings, arXiv:2210.09545), and their baseline, plain fine-tuning on the same small clean set.
+Findings, arXiv:2210.09545). Their baseline, plain fine-tuning on the same small clean set, is their base
+:class:`~lightning_modules.suspect_finetuning.SuspectFineTuning`.
 
-All three read the suspect (possibly backdoored) fine-tuned weights from an artifact, keep the clean
+Both read the suspect (possibly backdoored) fine-tuned weights from an artifact, keep the clean
 pretrained weights ``w_pre`` beside them, apply their purification once when fit starts, and then fine-tune
 on the DataModule's clean training set (a small subset, e.g. 64 or 256 texts) with the ordinary
 classifier training step. ``trainer.max_epochs: 0`` applies the purification alone. The triggered loader of
@@ -17,171 +18,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_modules.classifier import ClassifierRecipe
 from lightning_modules.ops import finemixing as ops
-from foundation.artifacts import load_artifact, parent_record
-
-
-class SuspectFineTuning(ClassifierRecipe):
-    """Plain fine-tuning of a suspect model on a small clean set: the baseline of Fine-mixing, and the base of
-    every defense that starts from a suspect artifact and the clean pretrained weights.
-
-    ``configure_model`` builds ``net`` (its spec names the *pretrained* backbone, e.g. ``minilm-l6``), keeps
-    its weights as ``w_pre`` (or those of ``reference``), then loads the suspect artifact into it. Subclasses
-    override :meth:`purify`, which runs once when fit starts (it can use the clean training and validation
-    loaders); fine-tuning is :class:`ClassifierRecipe`'s.
-
-    Args:
-        net: the classifier network; its built weights are the clean pretrained ones, unless ``reference``.
-        suspect: artifact (``foundation.artifacts``) with the suspect fine-tuned weights of the whole recipe
-            (``net.*`` keys, as ``ClassifierRecipe`` exports them); ``None``: ``net``'s built weights are
-            the suspect (e.g. its spec names a fine-tuned checkpoint), then ``reference`` is needed.
-        reference: a network whose built weights are ``w_pre`` (same architecture as ``net``); ``None``:
-            ``net``'s own weights before the suspect is loaded. Its head is typically freshly initialised.
-        suspect_sha256: pinned SHA-256 of the suspect's ``model.safetensors`` (checked if given).
-        require_clean_data: refuse a DataModule whose training set is poisoned (a defense fine-tunes on
-            clean data; set ``poisoning.rate: 0`` to keep the triggered evaluation set).
-        optimizer: optimizer factory of the fine-tuning.
-        scheduler: optional learning-rate scheduler factory.
-        label_smoothing: label smoothing of the cross-entropy loss.
-    """
-
-    def __init__(
-        self,
-        net: nn.Module,
-        suspect: str | None = None,
-        reference: nn.Module | None = None,
-        suspect_sha256: str | None = None,
-        require_clean_data: bool = True,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        scheduler: LRSchedulerCallable | None = None,
-        label_smoothing: float = 0.0,
-    ):
-        super().__init__(net, optimizer, scheduler, label_smoothing)
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "reference"])
-        if suspect is None and reference is None:
-            raise ValueError("give a suspect artifact, or a reference network when net itself is the suspect")
-        self.suspect, self.suspect_sha256, self.require_clean_data = suspect, suspect_sha256, require_clean_data
-        self.__dict__["_reference"] = reference  # a spec, built once; not a submodule (never trained or saved)
-        self.pretrained_state: dict[str, torch.Tensor] | None = None  # w_pre, CPU, keyed like net.state_dict()
-        self.defense_record: dict = {}  # what purify() did, for the artifact manifest
-        self._parents: list[dict] = []
-        self._purified = False
-
-    # ------------------------------------------------------------------ weights
-    def configure_model(self) -> None:
-        if self.pretrained_state is not None:  # Lightning calls this at every fit/test: load only once
-            return
-        super().configure_model()
-        reference = self._reference
-        if reference is not None:
-            if hasattr(reference, "build"):
-                reference.build()
-            pretrained = reference.state_dict()
-            self.__dict__["_reference"] = None  # free it
-        else:
-            pretrained = self.net.state_dict()
-        self.pretrained_state = {k: v.detach().to("cpu", copy=True) for k, v in pretrained.items()}
-        ours = self.net.state_dict()
-        bad = [k for k in ours if k not in self.pretrained_state or self.pretrained_state[k].shape != ours[k].shape]
-        if bad:
-            raise ValueError(f"reference and net differ in {bad[:5]}: the reference must have net's architecture")
-        if self.suspect is not None:
-            artifact = load_artifact(self.suspect, self.suspect_sha256)
-            weights = {k.removeprefix("net."): v for k, v in artifact.state_dict.items()}
-            self.net.load_state_dict(weights, strict=True)
-            self._parents = [parent_record(artifact)]
-
-    def load_net(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy ``state`` (keys of ``net.state_dict()``) into the network in place (optimizers stay valid)."""
-        with torch.no_grad():
-            for name, tensor in self.net.state_dict(keep_vars=True).items():
-                tensor.copy_(state[name])
-
-    # ------------------------------------------------------------------ the defense
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        mask = getattr(self.trainer.datamodule, "poison_mask", None)
-        if self.require_clean_data and mask is not None and bool(mask.any()):
-            raise ValueError(
-                f"{type(self).__name__} fine-tunes on clean data, but the DataModule poisoned {int(mask.sum())} "
-                "training samples: set data.init_args.poisoning.init_args.rate: 0 (the triggered evaluation set "
-                "is still built), or require_clean_data: false"
-            )
-
-    def on_fit_start(self) -> None:
-        if self._purified:  # resumed from a checkpoint of this defense: already done
-            return
-        self.purify()
-        self._purified = True
-        summary = {k: v for k, v in self.defense_record.items() if k not in ("epur_rows", "epur_scores")}
-        if "epur_tokens" in summary:
-            summary["epur_tokens"] = summary["epur_tokens"][:20]
-        if summary:
-            rank_zero_info(f"{type(self).__name__}: {summary}")
-
-    def purify(self) -> None:
-        """The defense's change to the suspect weights before fine-tuning; none for plain fine-tuning."""
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["defense"] = {"purified": self._purified, "record": self.defense_record}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("defense", {})
-        self._purified, self.defense_record = bool(state.get("purified", False)), dict(state.get("record", {}))
-
-    # ------------------------------------------------------------------ helpers for subclasses
-    def clean_training_tokens(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(input_ids, attention_mask)`` of the whole clean training set (never the evaluation sets)."""
-        train_set = self.trainer.datamodule.train_set
-        tensors = getattr(train_set, "tensors", None)
-        if tensors is None or len(tensors) < 3:
-            raise TypeError("E-PUR needs a token DataModule whose train_set holds (input_ids, attention_mask, labels)")
-        return tensors[0], tensors[1]
-
-    def finetune_copy(self, epochs: int) -> None:
-        """A short supervised fine-tuning of ``net`` in place with a fresh optimizer (used to compare
-        candidates); the run's scheduler is not used."""
-        dm = self.trainer.datamodule
-        loader = dm.train_dataloader()
-        optimizer = self.optimizer(p for p in self.parameters() if p.requires_grad)
-        self.net.train()
-        with torch.enable_grad():
-            for epoch in range(epochs):
-                if hasattr(loader.sampler, "set_epoch"):
-                    loader.sampler.set_epoch(epoch)
-                for batch in loader:
-                    *inputs, labels = (t.to(self.device) for t in batch)
-                    loss = F.cross_entropy(self(*inputs), labels, label_smoothing=self.label_smoothing)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    @torch.no_grad()
-    def clean_val_accuracy(self) -> float:
-        """Accuracy on the clean validation loader (the triggered one is never looked at)."""
-        loader = self.trainer.datamodule.val_dataloader()[0]
-        was_training = self.net.training
-        self.net.eval()
-        hits = total = 0
-        for batch in loader:
-            *inputs, labels = (t.to(self.device) for t in batch)
-            hits += int((self(*inputs).argmax(-1) == labels).sum())
-            total += len(labels)
-        self.net.train(was_training)
-        return hits / max(total, 1)
-
-    def artifact_metadata(self) -> dict:
-        return {**super().artifact_metadata(), "defense": {"type": type(self).__name__, **self.defense_record}}
-
-    def artifact_parents(self) -> list[dict]:
-        return list(self._parents)
+from lightning_modules.suspect_finetuning import SuspectFineTuning
 
 
 class EPUR(SuspectFineTuning):
@@ -200,39 +40,25 @@ class EPUR(SuspectFineTuning):
 
     Args:
         net: see :class:`SuspectFineTuning`.
-        suspect: see :class:`SuspectFineTuning`.
-        reference: see :class:`SuspectFineTuning`.
-        suspect_sha256: see :class:`SuspectFineTuning`.
-        require_clean_data: see :class:`SuspectFineTuning`.
         top_n: how many embedding rows to reset (0 disables E-PUR).
         floor: the frequency floor ``c`` of ``log(max(f, c))`` (> 1).
         score: ``delta_over_log_freq`` (E-PUR) or ``delta`` (embedding change alone, an ablation).
         embedding: name of the word-embedding weight in ``net.named_parameters()``; ``None``: the one of
             ``net.model.get_input_embeddings()`` (Hugging Face models).
-        optimizer: see :class:`SuspectFineTuning`.
-        scheduler: see :class:`SuspectFineTuning`.
-        label_smoothing: see :class:`SuspectFineTuning`.
+
+    The arguments of :class:`SuspectFineTuning` pass through (``suspect``, ``reference``, ``optimizer``, ...).
     """
 
     def __init__(
         self,
         net: nn.Module,
-        suspect: str | None = None,
-        reference: nn.Module | None = None,
-        suspect_sha256: str | None = None,
-        require_clean_data: bool = True,
         top_n: int = 200,
         floor: float = 20.0,
         score: ops.Score = "delta_over_log_freq",
         embedding: str | None = None,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        scheduler: LRSchedulerCallable | None = None,
-        label_smoothing: float = 0.0,
+        **kwargs,
     ):
-        super().__init__(
-            net, suspect, reference, suspect_sha256, require_clean_data, optimizer, scheduler, label_smoothing
-        )
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "reference"])
+        super().__init__(net=net, **kwargs)
         if top_n < 0 or not floor > 1.0:
             raise ValueError(f"E-PUR needs top_n >= 0 and floor > 1, got top_n={top_n}, floor={floor}")
         self.top_n, self.floor, self.score, self.embedding = top_n, floor, score, embedding
@@ -296,10 +122,6 @@ class FineMixing(EPUR):
 
     Args:
         net: see :class:`SuspectFineTuning`.
-        suspect: see :class:`SuspectFineTuning`.
-        reference: see :class:`SuspectFineTuning`.
-        suspect_sha256: see :class:`SuspectFineTuning`.
-        require_clean_data: see :class:`SuspectFineTuning`.
         rho: fraction of fine-tuned entries kept (1: the suspect, 0: the pretrained weights).
         selection: ``random`` or ``magnitude`` (largest update per tensor).
         head: ``keep``, ``mix`` or ``reinit`` the classifier head (see above).
@@ -310,22 +132,15 @@ class FineMixing(EPUR):
         search_epochs: fine-tuning epochs of each candidate in the search; ``None``: the run's full budget
             (``trainer.max_epochs``), so each candidate is judged after the fine-tuning it would really get.
         mask_seed: seed of the random mask; ``None``: the run's seed (``seed_everything``).
-        top_n: E-PUR rows reset before mixing (0: Fine-mixing alone); see :class:`EPUR`.
-        floor: see :class:`EPUR`.
-        score: see :class:`EPUR`.
-        embedding: see :class:`EPUR`.
-        optimizer: see :class:`SuspectFineTuning`.
-        scheduler: see :class:`SuspectFineTuning`.
-        label_smoothing: see :class:`SuspectFineTuning`.
+        top_n: E-PUR rows reset before mixing (0, unlike :class:`EPUR`'s 200: Fine-mixing alone).
+
+    The arguments of :class:`EPUR` (``floor``, ``score``, ``embedding``) and of :class:`SuspectFineTuning`
+    (``suspect``, ``reference``, ``optimizer``, ...) pass through.
     """
 
     def __init__(
         self,
         net: nn.Module,
-        suspect: str | None = None,
-        reference: nn.Module | None = None,
-        suspect_sha256: str | None = None,
-        require_clean_data: bool = True,
         rho: float = 0.5,
         selection: ops.Selection = "random",
         head: Literal["keep", "mix", "reinit"] = "keep",
@@ -335,18 +150,9 @@ class FineMixing(EPUR):
         search_epochs: int | None = None,
         mask_seed: int | None = None,
         top_n: int = 0,
-        floor: float = 20.0,
-        score: ops.Score = "delta_over_log_freq",
-        embedding: str | None = None,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        scheduler: LRSchedulerCallable | None = None,
-        label_smoothing: float = 0.0,
+        **kwargs,
     ):
-        super().__init__(
-            net, suspect, reference, suspect_sha256, require_clean_data, top_n, floor, score, embedding,
-            optimizer, scheduler, label_smoothing,
-        )
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "reference"])
+        super().__init__(net=net, top_n=top_n, **kwargs)
         for value in [rho, *(rho_candidates or [])]:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"rho values must be in [0, 1], got {value}")

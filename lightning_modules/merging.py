@@ -5,12 +5,9 @@ The shared part of the network (everything but the classification head) is merge
 ``tau_k = theta_k - theta_0`` (Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023); each task keeps
 its own linear head from its task model, as with per-task (zero-shot) heads of CLIP in the merging papers.
 
-- :class:`MergeRecipe` with a fixed :class:`MergeRule`: :class:`TaskArithmetic`, :class:`Ties` (Yadav et al.,
-  NeurIPS 2023; per task vector or per tensor trimming) and :class:`Dare` (Yu et al., ICML 2024), all from
-  :mod:`lightning_modules.ops.merging` (which uses ``peft.utils.merge_utils``).
-- :class:`AdaMerging` (Yang et al., "AdaMerging: Adaptive Model Merging for Multi-Task Learning", ICLR 2024):
-  task-wise or layer-wise coefficients learned by minimising the prediction entropy on unlabelled images.
-- DAM (defense-aware merging) is in :mod:`lightning_modules.dam`.
+- :class:`MergeRecipe` with a fixed rule (:mod:`lightning_modules.merge_rules`: task arithmetic, TIES, DARE);
+- learned merges subclass it: AdaMerging (:mod:`lightning_modules.adamerging`) and DAM (:mod:`lightning_modules.dam`);
+- :class:`TaskFineTuning` trains the task models of a pool from the pretrained backbone.
 
 Fixed rules take no optimisation step: run them with ``trainer.max_epochs: 1`` and ``limit_train_batches: 1``
 (the step is empty); validation and test evaluate the merged model.
@@ -18,90 +15,17 @@ Fixed rules take no optimisation step: run them with ``trainer.max_epochs: 1`` a
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torch.func import functional_call
 from torchmetrics.classification import MulticlassAccuracy
 
+from foundation.artifacts import load_artifact, parent_record
 from lightning_modules.base import BaseRecipe
 from lightning_modules.classifier import ClassifierRecipe
+from lightning_modules.merge_rules import MergeRule, TaskArithmetic
 from lightning_modules.metrics import AttackSuccessRate
 from lightning_modules.ops import merging as ops
-from foundation.artifacts import load_artifact, parent_record
-
-
-class MergeRule:
-    """A fixed merge rule: task vectors in, one merged task vector out."""
-
-    def merge(self, task_vectors: list[ops.StateDict]) -> ops.StateDict:
-        raise NotImplementedError
-
-    def describe(self) -> dict:
-        return {"rule": type(self).__name__, **vars(self)}
-
-
-class TaskArithmetic(MergeRule):
-    """``tau = lambda * sum_k tau_k`` (Ilharco et al., 2023; lambda ~0.3 for 8 CLIP tasks).
-
-    Args:
-        scaling: the coefficient ``lambda`` of every task vector.
-    """
-
-    def __init__(self, scaling: float = 0.3):
-        self.scaling = float(scaling)
-
-    def merge(self, task_vectors: list[ops.StateDict]) -> ops.StateDict:
-        return ops.task_arithmetic(task_vectors, torch.full((len(task_vectors),), self.scaling))
-
-
-class Ties(MergeRule):
-    """TIES-Merging: trim to the top ``density`` magnitudes, elect signs, disjoint mean, times ``scaling``.
-
-    Args:
-        density: fraction of entries kept by the trim (the paper's k = 20%).
-        scaling: ``lambda`` applied to the disjoint mean (the paper tunes it on validation data; 1 is its default).
-        trim: ``task`` trims over the whole task vector (the paper, fusion_bench); ``tensor`` per tensor (peft).
-        majority_sign_method: ``total`` (sign of the summed mass, the paper) or ``frequency`` (sign count).
-    """
-
-    def __init__(
-        self,
-        density: float = 0.2,
-        scaling: float = 1.0,
-        trim: Literal["task", "tensor"] = "task",
-        majority_sign_method: Literal["total", "frequency"] = "total",
-    ):
-        self.density, self.scaling, self.trim = float(density), float(scaling), trim
-        self.majority_sign_method = majority_sign_method
-
-    def merge(self, task_vectors: list[ops.StateDict]) -> ops.StateDict:
-        weights = torch.full((len(task_vectors),), self.scaling)
-        return ops.ties(task_vectors, weights, self.density, self.trim, self.majority_sign_method)
-
-
-class Dare(MergeRule):
-    """DARE: drop entries with probability ``1 - density`` and rescale by ``1/density``, then task arithmetic
-    (``linear``) or TIES (``ties``).
-
-    Args:
-        density: keep probability (the paper drops 90% of LLM deltas; small CNN deltas tolerate less).
-        scaling: coefficient of every task vector.
-        merge: ``linear`` (DARE + task arithmetic) or ``ties`` (DARE + TIES' sign election).
-        seed: seed of the random drop.
-    """
-
-    def __init__(
-        self, density: float = 0.5, scaling: float = 0.3, merge: Literal["linear", "ties"] = "linear", seed: int = 0
-    ):
-        self.density, self.scaling, self.merge_with, self.seed = float(density), float(scaling), merge, int(seed)
-
-    def merge(self, task_vectors: list[ops.StateDict]) -> ops.StateDict:
-        with torch.random.fork_rng():
-            torch.manual_seed(self.seed)
-            return ops.dare(task_vectors, torch.full((len(task_vectors),), self.scaling), self.density, self.merge_with)
 
 
 class TaskFineTuning(ClassifierRecipe):
@@ -119,29 +43,26 @@ class TaskFineTuning(ClassifierRecipe):
     Args:
         net: the classifier network, with the task's number of classes.
         pretrained: artifact of the pretrained backbone (``None``: train from ``net``'s initialisation).
-        optimizer: optimizer factory.
-        scheduler: optional learning-rate scheduler factory.
-        label_smoothing: label smoothing of the cross-entropy loss.
         head_prefix: prefix of the head's keys in ``net.state_dict()`` (not loaded from the backbone).
         linear_probe_epochs: epochs that train the head alone before full fine-tuning (0: none).
         head: artifact whose head (keys starting with ``head_prefix``) initialises this model's (``None``: new).
         freeze_head: never train the head (with ``head``: the clean probe's head is kept as it is).
+
+    The arguments of :class:`~lightning_modules.classifier.ClassifierRecipe` pass through (``optimizer``,
+    ``scheduler``, ``label_smoothing``).
     """
 
     def __init__(
         self,
         net: nn.Module,
         pretrained: str | None = None,
-        optimizer: OptimizerCallable = torch.optim.Adam,
-        scheduler: LRSchedulerCallable | None = None,
-        label_smoothing: float = 0.0,
         head_prefix: str = "head.",
         linear_probe_epochs: int = 0,
         head: str | None = None,
         freeze_head: bool = False,
+        **kwargs,
     ):
-        super().__init__(net, optimizer, scheduler, label_smoothing)
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        super().__init__(net=net, **kwargs)
         if linear_probe_epochs < 0:
             raise ValueError(f"linear_probe_epochs must be >= 0, got {linear_probe_epochs}")
         if freeze_head and linear_probe_epochs:
@@ -220,7 +141,6 @@ class MergeRecipe(BaseRecipe):
         head_prefix: str = "head.",
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "rule"])
         if not task_models:
             raise ValueError("task_models is empty: give one artifact per task of the DataModule")
         self.net = net
@@ -399,85 +319,3 @@ class MergeRecipe(BaseRecipe):
 
     def describe_merge(self) -> dict:
         return self.rule.describe()
-
-
-class AdaMerging(MergeRecipe):
-    """AdaMerging: learn the merge coefficients by entropy minimisation on unlabelled data (Yang et al., ICLR 2024).
-
-    ``theta = theta_0 + sum_k lambda_{k(,l)} tau_{k(,l)}``; each step takes one batch of unlabelled images per
-    task and minimises ``sum_k H(softmax(head_k(f_theta(x_k))))``. Coefficients start at ``init`` (0.3, the
-    paper and fusion_bench) and are clamped to ``[0, 1]`` when used (fusion_bench's ``clamp_weights``).
-
-    Args:
-        net: the pool's architecture (see :class:`MergeRecipe`).
-        pretrained: artifact of the pretrained backbone.
-        task_models: artifacts of the task models, in the DataModule's task order.
-        granularity: ``task`` (one coefficient per task) or ``layer`` (one per task and tensor, the paper's best).
-        init: initial coefficient.
-        clamp: clamp the coefficients to ``[0, 1]``.
-        optimizer: optimizer of the coefficients (the paper: Adam, lr 1e-3).
-        head_prefix: prefix of the head's keys in ``net.state_dict()``.
-    """
-
-    def __init__(
-        self,
-        net: nn.Module,
-        pretrained: str,
-        task_models: list[str],
-        granularity: Literal["task", "layer"] = "layer",
-        init: float = 0.3,
-        clamp: bool = True,
-        optimizer: OptimizerCallable = torch.optim.Adam,
-        head_prefix: str = "head.",
-    ):
-        super().__init__(net, pretrained, task_models, None, head_prefix)
-        self.save_hyperparameters(ignore=["net", "optimizer"])
-        if granularity not in ("task", "layer"):
-            raise ValueError(f"granularity must be 'task' or 'layer', got {granularity!r}")
-        self.granularity, self.init, self.clamp, self.optimizer = granularity, float(init), clamp, optimizer
-        self.merge_weights: nn.Parameter | None = None
-
-    def configure_model(self) -> None:
-        if self.merge_weights is not None:
-            return
-        super().configure_model()
-        num_tasks = len(self.task_vectors)
-        shape = (num_tasks,) if self.granularity == "task" else (num_tasks, len(self.pretrained_state))
-        self.merge_weights = nn.Parameter(torch.full(shape, self.init))
-        for p in [*self.net.parameters(), *self.heads.parameters()]:
-            p.requires_grad_(False)
-
-    def coefficients(self) -> torch.Tensor:
-        return self.merge_weights.clamp(0.0, 1.0) if self.clamp else self.merge_weights
-
-    def merged_state(self, masks: list[ops.StateDict | None] | None = None) -> ops.StateDict:
-        return ops.weighted_merge(self.pretrained_state, self.task_vectors, self.coefficients(), masks)
-
-    def entropy_loss(
-        self, batch: dict, state: ops.StateDict, perturbations: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``sum_k H(head_k(f_state(x_k (+ delta_k))))`` over the tasks of one unlabelled batch."""
-        total = 0.0
-        for k, name in enumerate(self.task_names):
-            x = batch[name][0]
-            if perturbations is not None:
-                x = x + perturbations[k]
-            total = total + ops.entropy(self.forward_merged(x, k, state))
-        return total
-
-    def configure_optimizers(self):
-        return self.optimizer([self.merge_weights])
-
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        opt = self.optimizers()
-        opt = opt[0] if isinstance(opt, list) else opt  # subclasses add optimizers after the coefficients'
-        loss = self.entropy_loss(batch, self.merged_state())
-        opt.zero_grad()
-        self.manual_backward(loss)
-        opt.step()
-        self.log("train/entropy", loss, prog_bar=True)
-        return loss
-
-    def describe_merge(self) -> dict:
-        return {"rule": type(self).__name__, "granularity": self.granularity,
-                "coefficients": self.coefficients().detach().cpu().tolist()}  # fmt: skip

@@ -44,12 +44,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from lightning_modules.classifier import ClassifierRecipe
 from lightning_modules.nets.hf import HFSequenceClassifier, LoraSpec, load_hf_model
 from lightning_modules.ops import distill
+from lightning_modules.suspect_finetuning import refuse_poisoned_training_set
 from foundation import assets
 from foundation.artifacts import load_artifact, parent_record
 
@@ -144,13 +145,14 @@ class PEFTUnlearning(ClassifierRecipe):
         lora: the unlearning adapters; ``None``: ``LoraSpec()`` (r 8, alpha 16, peft's default target modules).
         require_clean_data: refuse a DataModule whose training set is poisoned (set the poisoning rate to 0:
             the trigger then only builds the triggered evaluation set).
-        optimizer: optimizer factory (called with the adapters and head).
-        scheduler: optional learning-rate scheduler factory.
-        label_smoothing: label smoothing of the cross-entropy loss.
+        optimizer: optimizer factory (called with the adapters and head; AdamW here, Adam in ``ClassifierRecipe``).
         restore_best_val: keep the trainable weights (adapters and head) of the epoch with the highest clean
             validation accuracy and restore them when training ends, before testing and export: the official
             best-dev checkpoint (``word/unlearning.py`` at 628478c, lines 128-130: ``if dev_clean_acc >
             best_dev_acc: torch.save(model.state_dict(), ...)``). Needs validation every epoch.
+
+    The other arguments of :class:`~lightning_modules.classifier.ClassifierRecipe` pass through (``scheduler``,
+    ``label_smoothing``).
     """
 
     def __init__(
@@ -161,12 +163,10 @@ class PEFTUnlearning(ClassifierRecipe):
         lora: LoraSpec | None = None,
         require_clean_data: bool = True,
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        scheduler: LRSchedulerCallable | None = None,
-        label_smoothing: float = 0.0,
         restore_best_val: bool = False,
+        **kwargs,
     ):
-        super().__init__(net, optimizer, scheduler, label_smoothing)
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "lora"])
+        super().__init__(net=net, optimizer=optimizer, **kwargs)
         self.suspect, self.suspect_sha256, self.require_clean_data = suspect, suspect_sha256, require_clean_data
         self.lora = lora if lora is not None else LoraSpec()
         self.restore_best_val = restore_best_val
@@ -190,13 +190,8 @@ class PEFTUnlearning(ClassifierRecipe):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        mask = getattr(self.trainer.datamodule, "poison_mask", None)
-        if self.require_clean_data and mask is not None and bool(mask.any()):
-            raise ValueError(
-                f"{type(self).__name__} unlearns on clean data, but the DataModule poisoned {int(mask.sum())} training "
-                "samples: set data.init_args.poisoning.init_args.rate: 0 (the triggered evaluation set is still "
-                "built), or require_clean_data: false"
-            )
+        if self.require_clean_data:
+            refuse_poisoned_training_set(self, "unlearns")
 
     def on_validation_end(self) -> None:
         if not self.restore_best_val or self.trainer.sanity_checking:
@@ -247,19 +242,15 @@ class W2SDefense(PEFTUnlearning):
         teacher_sha256: pinned SHA-256 of the teacher's ``model.safetensors`` (checked if given).
         teacher_tokenizer: tokenizer of the teacher (``None``: its ``pretrained``); the student's is the DataModule's.
         teacher_max_length: truncation length of the teacher's tokens.
-        suspect: see :class:`PEFTUnlearning`.
-        suspect_sha256: see :class:`PEFTUnlearning`.
-        lora: see :class:`PEFTUnlearning`.
         ce_weight: ``a``, weight of the cross-entropy on clean labels (official 5.0).
         kd_weight: ``b``, weight of the distillation loss (official 0.001).
         feature_weight: ``c``, weight of the feature alignment (official 0.001).
         temperature: distillation temperature ``T`` (official 2.0).
         pooling: how the student's final-layer token features become one vector: ``last`` non-padding token
             (decoders, left or right padding), ``mean`` over tokens, or ``first`` token (encoders).
-        require_clean_data: see :class:`PEFTUnlearning`.
-        optimizer: see :class:`PEFTUnlearning`.
-        scheduler: see :class:`PEFTUnlearning`.
-        restore_best_val: see :class:`PEFTUnlearning`.
+
+    The arguments of :class:`PEFTUnlearning` pass through (``suspect``, ``lora``, ``optimizer``, ``restore_best_val``,
+    ...).
     """
 
     def __init__(
@@ -270,22 +261,14 @@ class W2SDefense(PEFTUnlearning):
         teacher_sha256: str | None = None,
         teacher_tokenizer: str | None = None,
         teacher_max_length: int = 128,
-        suspect: str | None = None,
-        suspect_sha256: str | None = None,
-        lora: LoraSpec | None = None,
         ce_weight: float = 5.0,
         kd_weight: float = 0.001,
         feature_weight: float = 0.001,
         temperature: float = 2.0,
         pooling: distill.Pooling = "last",
-        require_clean_data: bool = True,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        scheduler: LRSchedulerCallable | None = None,
-        restore_best_val: bool = False,
+        **kwargs,
     ):
-        super().__init__(net, suspect, suspect_sha256, lora, require_clean_data, optimizer, scheduler,
-                         restore_best_val=restore_best_val)  # fmt: skip
-        self.save_hyperparameters(ignore=["net", "teacher", "optimizer", "scheduler", "lora"])
+        super().__init__(net=net, **kwargs)
         if min(ce_weight, kd_weight, feature_weight) < 0 or not temperature > 0:
             raise ValueError(
                 f"loss weights must be >= 0 and temperature > 0, got a={ce_weight}, b={kd_weight}, c={feature_weight}, "

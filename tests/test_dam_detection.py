@@ -107,9 +107,9 @@ def test_detection_mask_drops_the_planted_backdoor_block(tmp_path):
     pretrained, tasks, directions, planted = _pool(tmp_path)
     dm = PlantedPool(directions)
     L.seed_everything(0)
-    dam = DAM(ReluNet(), pretrained, tasks, granularity="task", init=0.5, mask_epochs=40, detection_mask=True,
-              detection_mask_init=3.0, safety_weight=1.0, safe_loss="consistency", discrete="threshold",
-              clamp_inputs=True, mask_optimizer=lambda p: torch.optim.Adam(p, lr=0.05),
+    dam = DAM(ReluNet(), pretrained=pretrained, task_models=tasks, granularity="task", init=0.5, mask_epochs=40,
+              detection_mask=True, detection_mask_init=3.0, safety_weight=1.0, safe_loss="consistency",
+              discrete="threshold", clamp_inputs=True, mask_optimizer=lambda p: torch.optim.Adam(p, lr=0.05),
               detection_optimizer=lambda p: torch.optim.Adam(p, lr=0.1),
               trigger_optimizer=lambda p: torch.optim.Adam(p, lr=0.1))  # fmt: skip
     trainer = L.Trainer(max_epochs=40, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -138,8 +138,8 @@ def test_deterministic_discretisations_and_the_permuted_control(tmp_path):
     with pytest.raises(ValueError, match="keep_fraction"):
         ops.discrete_mask(logits, "topk", keep_fraction=0.0)
     pretrained, tasks, _, _ = _pool(tmp_path)
-    dam = DAM(ReluNet(), pretrained, tasks, discrete="topk", keep_fraction=0.25)
-    control = DAMPermutedMasks(ReluNet(), pretrained, tasks, discrete="topk", keep_fraction=0.25)
+    pool = {"pretrained": pretrained, "task_models": tasks, "discrete": "topk", "keep_fraction": 0.25}
+    dam, control = DAM(ReluNet(), **pool), DAMPermutedMasks(ReluNet(), **pool)
     for model in (dam, control):
         model.configure_model()
         with torch.no_grad():

@@ -9,8 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.examples.extending import CappedGradientAscent, CoordinateClipping, FocalClassifier, NoisyPoisoning
-from tests.helpers import REPO, TINY, run_cli
+from lightning_modules import MEMIT, SuspectFineTuning
+from lightning_modules.ops import merging as merge_ops
+from tests.examples.extending import (
+    CappedGradientAscent, CoordinateClipping, FocalClassifier, InterpolatedFineTuning, NoisyPoisoning,
+    NormCappedTaskArithmetic, TrustRegionMEMIT,
+)
+from tests.helpers import REPO, TINY, artifact_of, run_cli
 
 EXAMPLES = REPO / "tests" / "examples"
 FL = str(TINY / "fl" / "mnist_fedavg_naive.yaml")
@@ -64,3 +69,43 @@ def test_safeguard_example_with_the_cap_below_the_loss_only_retains(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     assert any(not torch.equal(a, c) for a, c in zip(capped.model.artifact_state_dict().values(),
                                                      ascent.model.artifact_state_dict().values()))  # fmt: skip
+
+
+def test_defense_example_interpolates_the_suspect_towards_the_pretrained_weights(tmp_path):
+    base, only_purify = TINY / "finemixing" / "rt_minilm_finetune.yaml", ["--trainer.max_epochs=0"]
+    plain = _run(tmp_path, base, name="plain", extra=only_purify)  # SuspectFineTuning: the suspect as it is
+    cli = _run(tmp_path, base, EXAMPLES / "interpolated_finetuning.yaml", name="interpolated", extra=only_purify)
+    assert type(plain.model) is SuspectFineTuning and type(cli.model) is InterpolatedFineTuning
+    assert cli.model.alpha == 0.25 and cli.model.require_clean_data  # the base's default passes through
+    suspect, pre = dict(plain.model.net.named_parameters()), cli.model.pretrained_state
+    for name, w in cli.model.net.named_parameters():
+        torch.testing.assert_close(w, pre[name] + 0.25 * (suspect[name] - pre[name]), msg=name)
+    manifest = artifact_of(tmp_path, "interpolated").manifest
+    assert manifest["defense"] == {"type": "InterpolatedFineTuning", "alpha": 0.25}
+
+
+def test_merging_example_caps_each_task_vector_before_the_sum(tmp_path):
+    """(``merging`` in the name: the session fixture builds the tiny merge pool for it.)"""
+    cli = _run(tmp_path, TINY / "merging" / "pool_task_arithmetic.yaml", EXAMPLES / "norm_capped_task_arithmetic.yaml")
+    rule = cli.model.rule
+    assert type(rule) is NormCappedTaskArithmetic and (rule.max_norm, rule.scaling) == (0.15, 0.3)  # the twin's scaling
+    norms = [float(torch.stack([t.norm() for t in tv.values()]).norm()) for tv in cli.model.task_vectors]
+    assert max(norms) > 0.15, f"the cap should bind for some task vector of the tiny pool: {norms}"
+    expected = dict(cli.model.pretrained_state)
+    for tv, norm in zip(cli.model.task_vectors, norms):
+        expected = merge_ops.add(expected, {k: 0.3 * min(1.0, 0.15 / norm) * t for k, t in tv.items()})
+    merged = cli.model.merged_state()
+    for name in expected:
+        torch.testing.assert_close(merged[name], expected[name], msg=name)
+    assert torch.isfinite(cli.trainer.callback_metrics["val/acc"])
+
+
+def test_editor_example_clamps_delta_to_the_absolute_norm(tmp_path):
+    cli = _run(tmp_path, TINY / "namet" / "smollm2_memit.yaml", EXAMPLES / "trust_region_memit.yaml")
+    editor = cli.model
+    assert type(editor) is TrustRegionMEMIT and editor.max_delta_norm == 0.01 and editor.hparams.v_num_grad_steps == 5
+    assert editor.edit_summary["delta_over_clamp"] == pytest.approx(1.0, abs=1e-4)  # on the boundary: the cap binds
+    with torch.enable_grad():
+        delta, h_init, _ = editor.compute_targets(cli.datamodule.records[:2])
+    assert float(delta.norm(dim=-1).max()) <= 0.01 * (1 + 1e-5)
+    assert float(MEMIT.max_norm(editor, h_init).min()) > 0.01  # MEMIT's own radius alone would allow more

@@ -46,16 +46,17 @@ def assert_state_equal(actual: dict, expected: dict) -> None:
 
 
 K = 3
+SAME_POOL = {"pretrained": PRE, "task_models": [MNIST] * K}  # learned merges take the pool by keyword
 IDENTICAL = [
     ("task arithmetic, 1/K", lambda: MergeRecipe(tiny_net(), PRE, [MNIST] * K, TaskArithmetic(1 / K))),
     ("TIES per task, density 1", lambda: MergeRecipe(tiny_net(), PRE, [MNIST] * K, Ties(1.0, 1.0, "task"))),
     ("TIES per tensor, density 1", lambda: MergeRecipe(tiny_net(), PRE, [MNIST] * K, Ties(1.0, 1.0, "tensor"))),
     ("DARE, density 1", lambda: MergeRecipe(tiny_net(), PRE, [MNIST] * K, Dare(1.0, 1 / K))),
     ("DARE + TIES, density 1", lambda: MergeRecipe(tiny_net(), PRE, [MNIST] * K, Dare(1.0, 1.0, "ties"))),
-    ("AdaMerging task-wise", lambda: AdaMerging(tiny_net(), PRE, [MNIST] * K, granularity="task", init=1 / K)),
-    ("AdaMerging layer-wise", lambda: AdaMerging(tiny_net(), PRE, [MNIST] * K, granularity="layer", init=1 / K)),
+    ("AdaMerging task-wise", lambda: AdaMerging(tiny_net(), **SAME_POOL, granularity="task", init=1 / K)),
+    ("AdaMerging layer-wise", lambda: AdaMerging(tiny_net(), **SAME_POOL, granularity="layer", init=1 / K)),
     # DAM with masks that keep everything (logits far above 0): the AdaMerging merge of the identical models
-    ("DAM, all-keep masks", lambda: DAM(tiny_net(), PRE, [MNIST] * K, init=1 / K, shared_mask_init=30.0,
+    ("DAM, all-keep masks", lambda: DAM(tiny_net(), **SAME_POOL, init=1 / K, shared_mask_init=30.0,
                                         detection_mask_init=30.0, discrete="threshold")),
 ]
 
@@ -161,9 +162,9 @@ def test_bad_arguments_fail_early():
     with pytest.raises(ValueError, match="task_models is empty"):
         MergeRecipe(tiny_net(), PRE, [])
     with pytest.raises(ValueError, match="granularity"):
-        AdaMerging(tiny_net(), PRE, [MNIST], granularity="model")
+        AdaMerging(tiny_net(), pretrained=PRE, task_models=[MNIST], granularity="model")
     with pytest.raises(ValueError, match="safe_loss"):
-        DAM(tiny_net(), PRE, [MNIST], safe_loss="kl")
+        DAM(tiny_net(), pretrained=PRE, task_models=[MNIST], safe_loss="kl")
 
 
 @pytest.mark.slow

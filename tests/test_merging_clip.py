@@ -137,11 +137,12 @@ def test_task_model_trains_the_tower_under_a_frozen_zero_shot_head():
 
 
 K = 3
+SAME_POOL = {"pretrained": PRE, "task_models": [MNIST] * K}  # learned merges take the pool by keyword
 IDENTICAL = [
     ("task arithmetic, 1/K", lambda: MergeRecipe(pool_clip(), PRE, [MNIST] * K, TaskArithmetic(1 / K))),
     ("TIES, density 1", lambda: MergeRecipe(pool_clip(), PRE, [MNIST] * K, Ties(1.0, 1.0, "task"))),
-    ("AdaMerging layer-wise", lambda: AdaMerging(pool_clip(), PRE, [MNIST] * K, granularity="layer", init=1 / K)),
-    ("DAM, all-keep masks", lambda: DAM(pool_clip(), PRE, [MNIST] * K, init=1 / K, shared_mask_init=30.0,
+    ("AdaMerging layer-wise", lambda: AdaMerging(pool_clip(), **SAME_POOL, granularity="layer", init=1 / K)),
+    ("DAM, all-keep masks", lambda: DAM(pool_clip(), **SAME_POOL, init=1 / K, shared_mask_init=30.0,
                                         detection_mask_init=30.0, discrete="threshold")),
 ]
 
