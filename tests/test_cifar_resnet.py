@@ -237,3 +237,27 @@ def test_gpu_config_runs_on_cpu_over_a_synthetic_cifar_cache(synthetic_cifar, tm
     assert torch.isfinite(cli.trainer.callback_metrics["val/acc"])
     bn = cli.model.net.bn1.running_var
     assert not torch.equal(bn, torch.ones_like(bn))  # the clients' BatchNorm statistics reached the global model
+
+
+def test_imagenet_resnet18_has_torchvisions_size_and_loads_torchvision_names_without_the_head(tmp_path):
+    """``ResNet18`` is torchvision's resnet18 (11,689,512 parameters with 1000 classes); a state dict in
+    torchvision's names (``downsample``, ``fc``) loads into it, every weight but the new head."""
+    from safetensors.torch import save_file
+
+    from lightning_modules.nets.resnet import ResNet18
+
+    assert sum(p.numel() for p in ResNet18(num_classes=1000).parameters()) == 11_689_512
+    torch.manual_seed(1)
+    source = ResNet18(num_classes=1000)
+    tv = {k.replace(".shortcut.", ".downsample.").replace("head.", "fc.", 1): v.contiguous()
+          for k, v in source.state_dict().items()}  # fmt: skip
+    assert "layer2.0.downsample.0.weight" in tv and "fc.weight" in tv and "conv1.weight" in tv
+    save_file(tv, str(tmp_path / "resnet18.safetensors"))
+    torch.manual_seed(2)
+    loaded = ResNet18(num_classes=10, weights=str(tmp_path / "resnet18.safetensors")).eval()
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(loaded.features(x), source.eval().features(x))
+    assert loaded(x).shape == (2, 10)
+    assert loaded.stem(x).shape == (2, 64, 16, 16)  # 7x7 stride 2, then max-pool stride 2
+    with pytest.raises(ValueError, match="not a torchvision ResNet-18 of this width"):
+        ResNet18(num_classes=10, base_width=32, weights=str(tmp_path / "resnet18.safetensors"))

@@ -2,6 +2,6 @@
 
 from lightning_modules.nets.cnn import MnistCNN
 from lightning_modules.nets.hf import HFSequenceClassifier, LoraSpec
-from lightning_modules.nets.resnet import CifarResNet18
+from lightning_modules.nets.resnet import CifarResNet18, ResNet18
 
-__all__ = ["CifarResNet18", "HFSequenceClassifier", "LoraSpec", "MnistCNN"]
+__all__ = ["CifarResNet18", "HFSequenceClassifier", "LoraSpec", "MnistCNN", "ResNet18"]

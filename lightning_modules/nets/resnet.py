@@ -87,11 +87,61 @@ class CifarResNet18(nn.Module):
         self.head = nn.Linear(widths[-1], num_classes)
         self.feature_dim = widths[-1]
 
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The input layer: a 3x3 stride-1 conv-BN-ReLU (no max-pool)."""
+        return F.relu(self.bn1(self.conv1(x)))
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled feature vector ``[N, 8 * base_width]`` (the encoder; no normalisation, no projection head)."""
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
         return torch.flatten(self.pool(out), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+def torchvision_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A torchvision-layout ResNet-18 state dict (``layerX.Y.downsample.{0,1}``, ``fc``) in this module's names
+    (``shortcut.{0,1}``, ``head``)."""
+    out = {}
+    for key, value in state.items():
+        key = key.replace(".downsample.", ".shortcut.")
+        out["head." + key[3:] if key.startswith("fc.") else key] = value
+    return out
+
+
+class ResNet18(CifarResNet18):
+    """The ImageNet ResNet-18 (torchvision's layout): a 7x7 stride-2 stem with a 3x3 stride-2 max-pool, which
+    FedSelect's official code trains on CIFAR-10 (``torchvision.models.resnet18``, optionally ImageNet-pretrained:
+    ``--pretrained_init``), with a new head.
+
+    Args:
+        weights: a safetensors file of ImageNet weights in torchvision's names (e.g. torchvision's
+            ``resnet18-f37072fd.pth`` converted with ``safetensors.torch.save_file``, or timm's
+            ``resnet18.tv_in1k``); the classifier (``fc``) is not loaded: the head is new, as officially.
+            ``None``: random initialisation.
+
+    The arguments of :class:`CifarResNet18` pass through (``base_width`` must be 64 to load ImageNet weights).
+    """
+
+    def __init__(self, weights: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.conv1 = nn.Conv2d(self.conv1.in_channels, self.conv1.out_channels, 7, stride=2, padding=3, bias=False)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.weights = weights
+        if weights is not None:
+            from safetensors.torch import load_file
+
+            state = {k: v for k, v in torchvision_to_ours(load_file(weights)).items() if not k.startswith("head.")}
+            try:
+                missing, unexpected = self.load_state_dict(state, strict=False)
+            except RuntimeError as err:  # shape mismatches
+                raise ValueError(f"{weights} is not a torchvision ResNet-18 of this width (base_width "
+                                 f"{self.conv1.out_channels}): {str(err).splitlines()[1].strip()}") from None  # fmt: skip
+            if unexpected or [k for k in missing if not k.startswith("head.")]:
+                raise ValueError(f"{weights} is not a torchvision ResNet-18 of this width: missing "
+                                 f"{[k for k in missing if not k.startswith('head.')][:5]}, unexpected {unexpected[:5]}")  # fmt: skip
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """7x7 stride-2 conv-BN-ReLU, then a 3x3 stride-2 max-pool."""
+        return self.maxpool(F.relu(self.bn1(self.conv1(x))))
