@@ -18,11 +18,13 @@ def mean_curves(runs: list[dict]) -> dict | None:
                if "log_dir" in r and (Path(r["log_dir"]) / "curves.json").exists()]  # fmt: skip
     if not records:
         return None
-    rounds = records[0]["rounds"]
-    records = [rec for rec in records if rec["rounds"] == rounds]
+    # seeds may stop at different rounds (an early-closing window with decay_rounds): average each round over the
+    # seeds that evaluated it
+    rounds = sorted({r for rec in records for r in rec["rounds"]})
 
     def avg(key: str) -> list:
-        cols = list(zip(*[rec[key] for rec in records]))
+        at = [dict(zip(rec["rounds"], rec[key])) for rec in records]
+        cols = [[a[r] for a in at if r in a] for r in rounds]
         return [None if any(v is None for v in col) else statistics.fmean(col) for col in cols]
 
     return {"rounds": rounds, "ma": avg("ma"), "ba": avg("ba"), "attack_rounds": records[0]["attack_rounds"]}
