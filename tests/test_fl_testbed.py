@@ -195,3 +195,21 @@ def test_window_closes_once_the_backdoor_is_planted_and_the_decay_phase_has_fixe
     assert trainer.global_step == end + 3, "decay_rounds rounds after the window, not max_steps"
     with pytest.raises(ValueError, match="stop_at_ba"):
         AttackSchedule([0], stop_at_ba=1.5)
+
+
+# -------------------------------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("root", ["configs", "tests/configs"])
+def test_warmup_and_attack_configs_share_the_federation_network_and_server(root):
+    """The warm-up artifact must fit the attack runs and be trained in the same federation by the same server."""
+    import yaml
+
+    from tests.helpers import CONFIGS
+
+    base = CONFIGS.parent / root / "chameleon"
+    attack, warm = (yaml.safe_load((base / f"mnist_testbed{s}.yaml").read_text()) for s in ("", "_warmup"))
+    for key in ("net", "clients_per_round", "server_lr", "aggregator"):
+        assert attack["model"]["init_args"][key] == warm["model"]["init_args"][key], key
+    data = [{k: v for k, v in c["data"]["init_args"].items() if k != "rounds_per_epoch"} for c in (attack, warm)]
+    assert data[0] == data[1]
+    assert warm["model"]["init_args"]["attack"] is None
+    assert attack["model"]["init_args"]["aggregator"]["init_args"]["weighted"] is False  # official: unweighted
