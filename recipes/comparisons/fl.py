@@ -72,8 +72,9 @@ FL_COLUMNS = {"test/acc": "final MA (%)", "curve/ba_attack_end": "BA at attack e
 
 
 def fl_warmup_stage(dataset: str, data: list[str], rounds: int, group: str, label: str = "clean warm-up") -> Stage:
-    """The clean warm-up (norm clipping, no attack, ``rounds`` rounds) that the chameleon and trojandam comparisons'
-    attack runs start from, as ``{artifact:<dataset>/warmup}``."""
+    """The clean warm-up (configs/chameleon/mnist_normclip.yaml: norm clipping, no attack, ``rounds`` rounds) that
+    the trojandam comparison's attack runs start from, as ``{artifact:<dataset>/warmup}`` (the chameleon comparison
+    has its own, ``configs/chameleon/mnist_testbed_warmup.yaml``)."""
     return Stage(f"{dataset}/warmup", "chameleon/mnist_normclip.yaml",
                  ["--config=configs/fl/attacks/none.yaml", f"--trainer.max_steps={rounds}", *data], group, label)
 
