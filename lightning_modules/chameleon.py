@@ -86,9 +86,9 @@ class ChameleonAttack(PGDPoisoning):
         head_gamma: float = 0.005, head_weight_decay: float = 5e-4, early_stop_loss: float | None = 1e-4,
         step_lr_at_epoch_start: bool = True, radius: float = 5.0, **kwargs,
     ):  # fmt: skip
-        super().__init__(radius=radius, poison_fraction=poison_fraction, poison_noise_std=poison_noise_std, lr=None,
-                         local_epochs=None, early_stop_loss=early_stop_loss,
-                         step_lr_at_epoch_start=step_lr_at_epoch_start, **kwargs)  # fmt: skip
+        super().__init__(radius=radius, poison_fraction=poison_fraction, poison_noise_std=poison_noise_std,
+                         early_stop_loss=early_stop_loss, step_lr_at_epoch_start=step_lr_at_epoch_start, lr=None,
+                         local_epochs=None, lr_milestones=None, lr_gamma=None, **kwargs)  # fmt: skip (own stages)
         if contrastive_epochs < 0 or head_epochs < 1:
             raise ValueError(f"need contrastive_epochs >= 0 and head_epochs >= 1, got {contrastive_epochs}, {head_epochs}")
         self.temperature, self.target_weight = temperature, target_weight
