@@ -116,6 +116,7 @@ def run_stage(stage: Stage, seed: int, root: Path, config_root: Path, force: boo
 
 
 def _fmt(values: list[float], percent: bool = True) -> str:
+    values = [v for v in values if v == v]  # NaN: undefined for that seed (e.g. the lifespan of no backdoor)
     scale = 100.0 if percent else 1.0
     if not values:
         return "—"
