@@ -75,7 +75,8 @@ def curve_summary(record: dict[str, Any], threshold: float = 0.5, half_life_rati
 
     ``ba_peak``: the highest BA evaluated; ``ba_final`` / ``ma_final``: at the last evaluation. With an attack
     window (``attack_rounds``), ``window_end`` is the round after its last attack round and ``window_length`` its
-    number of attack rounds; ``ba_attack_end`` (BA_end) is BA at the first evaluation at or after ``window_end``
+    number of attack rounds; ``ba_attack_end`` (BA_end) is BA at ``window_end`` when the run measured it there
+    (``ba_at``: the recipe's ``round/ba_global`` of an early-closing window), else at the first evaluation after it,
     and ``ba_mean_after`` the mean BA over those evaluations. The durability measures count rounds from
     ``window_end`` to the first evaluation that meets a condition; when none does they are the rounds observed
     (a lower bound) and ``*_censored`` is 1:
@@ -99,6 +100,9 @@ def curve_summary(record: dict[str, Any], threshold: float = 0.5, half_life_rati
     end = max(attack) + 1  # rounds completed when the window closed
     out["window_end"], out["window_length"] = float(end), float(len(set(attack)))
     after = [(r, v) for r, v in bas if r >= end]
+    exact = (record.get("ba_at") or {}).get(str(end))  # BA measured right after the last attack round
+    if exact is not None and (not after or after[0][0] != end):
+        after = [(end, exact), *after]
     nan = math.nan
     if not after:
         out.update(ba_attack_end=nan, ba_mean_after=nan, lifespan=nan, half_life=nan)
@@ -166,6 +170,9 @@ class RoundCurves(pl.Callback):
         active = trainer.callback_metrics.get("round/attack_active")
         if active is not None and float(active) > 0:
             self.record["attack_rounds"].append(trainer.global_step - 1)  # the round that just ran
+            ba = trainer.callback_metrics.get("round/ba_global")  # measured when the window may close early
+            if ba is not None and math.isfinite(float(ba)):
+                self.record.setdefault("ba_at", {})[str(trainer.global_step)] = float(ba)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:

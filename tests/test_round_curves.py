@@ -54,3 +54,12 @@ def test_plot_marks_windows_that_close_apart(tmp_path):
             "clean": {"rounds": ROUNDS, "ma": [0.9] * 6, "ba": [None] * 6, "attack_rounds": []}}  # fmt: skip
     plot_curves(runs, tmp_path / "p.png", "t", 0.5)
     assert (tmp_path / "p.png").stat().st_size > 5000
+
+
+def test_ba_measured_when_an_early_window_closed_is_ba_end():
+    """An early-closing window (schedule.stop_at_ba) between evaluations: BA right after its last round counts."""
+    rec = {"rounds": ROUNDS, "ma": [0.9] * 6, "ba": [0.5, 0.8, 0.6, 0.45, 0.3, 0.2], "attack_rounds": [0, 1, 2],
+           "ba_at": {"3": 0.95}}  # fmt: skip
+    out = curve_summary(rec)
+    assert out["window_end"] == 3 and out["ba_attack_end"] == 0.95
+    assert out["lifespan"] == 8 - 3 and out["half_life"] == 8 - 3  # 0.45 < 0.5 and 0.45 / 0.95 < 0.5
