@@ -116,15 +116,17 @@ class ChameleonAttack(PGDPoisoning):
         poison = self.poison(ctx)
         if self.contrastive_epochs > 0:  # stage 1: supervised contrastive training of the encoder
             stage1 = ctx.local.with_overrides(
-                lr=self.contrastive_lr, weight_decay=self.contrastive_weight_decay, local_epochs=self.contrastive_epochs,
-                lr_milestones=self.contrastive_milestones, lr_gamma=0.1, step_lr_at_epoch_start=self.step_lr_at_epoch_start,
+                lr=self.contrastive_lr, weight_decay=self.contrastive_weight_decay,
+                local_epochs=self.contrastive_epochs, lr_milestones=self.contrastive_milestones, lr_gamma=0.1,
+                step_lr_at_epoch_start=self.step_lr_at_epoch_start,
             )  # fmt: skip
             stage1.max_steps = None
             head = list(model.head.parameters())
             for p in head:
                 p.requires_grad_(False)
             stage1.train(model, x, y, ctx.generator, poison, self.projector(model, ctx, self.radius_contrastive),
-                         lambda m, xb, yb: self.contrastive_loss(m, xb, yb, target), pad_value=ctx.pad_value)  # fmt: skip
+                         lambda m, xb, yb: self.contrastive_loss(m, xb, yb, target),
+                         pad_value=ctx.pad_value)  # fmt: skip
             for p in head:
                 p.requires_grad_(True)
         # stage 2: cross-entropy on poisoned batches, only the linear head trains
@@ -133,7 +135,8 @@ class ChameleonAttack(PGDPoisoning):
             p.requires_grad_(id(p) in head_ids)
         stage2 = ctx.local.with_overrides(
             lr=self.head_lr, weight_decay=self.head_weight_decay, local_epochs=self.head_epochs,
-            lr_milestones=self.head_milestones, lr_gamma=self.head_gamma, step_lr_at_epoch_start=self.step_lr_at_epoch_start,
+            lr_milestones=self.head_milestones, lr_gamma=self.head_gamma,
+            step_lr_at_epoch_start=self.step_lr_at_epoch_start,
         )  # fmt: skip
         stage2.max_steps = None
         stage2.train(model, x, y, ctx.generator, poison, self.projector(model, ctx, self.radius),

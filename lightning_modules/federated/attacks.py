@@ -318,7 +318,9 @@ class Neurotoxin(PGDPoisoning):
     ):  # fmt: skip
         super().__init__(radius=radius, **kwargs)
         if mask_source not in ("previous_round", "clean_data", "clean_clients"):
-            raise ValueError(f"mask_source must be 'previous_round', 'clean_data' or 'clean_clients', got {mask_source!r}")
+            raise ValueError(
+                f"mask_source must be 'previous_round', 'clean_data' or 'clean_clients', got {mask_source!r}"
+            )
         if mask_clients < 1:
             raise ValueError(f"mask_clients must be >= 1, got {mask_clients}")
         self.keep_ratio, self.mask_source, self.mask_clients = keep_ratio, mask_source, mask_clients

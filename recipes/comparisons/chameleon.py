@@ -49,13 +49,15 @@ def testbed_stages(dataset: str, planted: float | None = None, warmup_root: str 
     data = [f"--data.init_args.dataset={dataset}", "--data.init_args.seed=0"]  # one federation for every run seed
     warm_key = f"{warmup_root}{dataset}/warmup"
     warm = f"--model.init_args.init_from={{artifact:{warm_key}}}"
-    window = [f"{SCHEDULE}.stop_at_ba={planted}", f"{SCHEDULE}.end_round=80", "--trainer.max_steps=160"] if planted else []
+    window = [f"{SCHEDULE}.stop_at_ba={planted}", f"{SCHEDULE}.end_round=80", "--trainer.max_steps=160"]
+    window = window if planted else []
     stages = [Stage(warm_key, WARMUP_CFG, data, name, "clean warm-up"),
-              Stage(f"{warmup_root}{dataset}/clean", ATTACK_CFG, [f"{SCHEDULE}.malicious_clients=[]", warm, *data], name,
-                    "no attack (clean continuation)")]  # fmt: skip
+              Stage(f"{warmup_root}{dataset}/clean", ATTACK_CFG, [f"{SCHEDULE}.malicious_clients=[]", warm, *data],
+                    name, "no attack (clean continuation)")]  # fmt: skip
     for label, overlay in ATTACKS.items():
         cfg = [f"--config=configs/fl/attacks/{overlay}.yaml"] if overlay else []
-        stages.append(Stage(f"{dataset}/{overlay or 'chameleon'}", ATTACK_CFG, [*cfg, *window, warm, *data], name, label))
+        key = f"{dataset}/{overlay or 'chameleon'}"
+        stages.append(Stage(key, ATTACK_CFG, [*cfg, *window, warm, *data], name, label))
     return stages
 
 
@@ -65,7 +67,7 @@ def _finite(values: list[float]) -> list[float]:
 
 
 def mean_se(values: list[float], scale: float = 1.0) -> str:
-    """``mean ± standard error`` (standard deviation over sqrt(n)) of the finite values; ``—`` when there are none."""
+    """``mean ± standard error`` (std over sqrt(n)) of the finite values; ``—`` when there are none."""
     vals = [v * scale for v in _finite(values)]
     if not vals:
         return "—"
@@ -84,7 +86,8 @@ def se_table(comp: Comparison, results: dict[str, list[dict]]) -> str:
         cells = []
         for metric in comp.columns:
             values = [r["metrics"].get(metric, math.nan) for r in runs]
-            if metric.startswith("curve/") and metric != "curve/ba_mean_after" and stage.key.endswith(("warmup", "clean")):
+            no_backdoor = stage.key.endswith(("warmup", "clean"))
+            if no_backdoor and metric.startswith("curve/") and metric != "curve/ba_mean_after":
                 cells.append("—")
                 continue
             cell = mean_se(values, 1.0 if metric in comp.plain else 100.0)
