@@ -19,8 +19,9 @@ def plot_curves(
     """Plot MA (dashed) and BA (solid) of several runs on one axis; save a PNG atomically to ``path`` if given.
 
     ``runs`` maps a label to a curves record as written by :class:`RoundCurves` (``rounds``, ``ma``, ``ba``,
-    ``attack_rounds``); the attack rounds of the first run that has any are shaded. ``threshold`` (a BA level,
-    e.g. the lifespan threshold) is drawn as a dotted line.
+    ``attack_rounds``); the attack rounds of the first run that has any are shaded, and the end of any other run's
+    window that closes elsewhere is a dotted line in that run's colour. ``threshold`` (a BA level, e.g. the
+    lifespan threshold) is drawn as a dotted grey line.
     """
     import matplotlib
 
@@ -30,7 +31,7 @@ def plot_curves(
     fig = None
     if ax is None:
         fig, ax = plt.subplots(figsize=(8.5, 4))
-    shaded = False
+    shaded: int | None = None  # the last attack round of the shaded window
     for i, (label, rec) in enumerate(runs.items()):
         color = f"C{i % 10}"
         rounds = rec["rounds"]
@@ -40,10 +41,12 @@ def plot_curves(
         ax.plot(rounds, [100 * v if v is not None else math.nan for v in rec["ma"]], color=color, lw=1.0, ls="--",
                 label=f"{label} MA".strip())  # fmt: skip
         attack = sorted(rec.get("attack_rounds", []))
-        if attack and not shaded:
+        if attack and shaded is None:
             for k, (start, stop) in enumerate(_spans(attack)):
                 ax.axvspan(start, stop + 1, color="red", alpha=0.08, lw=0, label=None if k else "attack rounds")
-            shaded = True
+            shaded = attack[-1]
+        elif attack and attack[-1] != shaded:  # this run's window closed elsewhere: mark its end in its colour
+            ax.axvline(attack[-1] + 1, color=color, lw=0.8, ls=":")
     if threshold is not None:
         ax.axhline(100 * threshold, color="gray", lw=0.8, ls=":")
     ax.set_xlabel("round")
@@ -67,14 +70,23 @@ def save_figure(fig: Any, path: Path) -> None:
     tmp.replace(path)
 
 
-def curve_summary(record: dict[str, Any], threshold: float = 0.5) -> dict[str, float]:
+def curve_summary(record: dict[str, Any], threshold: float = 0.5, half_life_ratio: float = 0.5) -> dict[str, float]:
     """Scalars of a curves record (fractions in [0, 1]; NaN where undefined).
 
-    ``ba_peak``: the highest BA evaluated; ``ba_attack_end``: BA at the first evaluation after the last attack
-    round; ``ba_final`` / ``ma_final``: at the last evaluation; ``ba_mean_after``: mean BA over the evaluations
-    after the attack window; ``lifespan``: rounds from the end of the attack window until the first evaluation
-    with BA below ``threshold`` (Chameleon's durability measure; if BA never falls below it, the rounds observed
-    so far, a lower bound).
+    ``ba_peak``: the highest BA evaluated; ``ba_final`` / ``ma_final``: at the last evaluation. With an attack
+    window (``attack_rounds``), ``window_end`` is the round after its last attack round and ``window_length`` its
+    number of attack rounds; ``ba_attack_end`` (BA_end) is BA at ``window_end`` when the run measured it there
+    (``ba_at``: the recipe's ``round/ba_global`` of an early-closing window), else at the first evaluation after it,
+    and ``ba_mean_after`` the mean BA over those evaluations. The durability measures count rounds from
+    ``window_end`` to the first evaluation that meets a condition; when none does they are the rounds observed
+    (a lower bound) and ``*_censored`` is 1:
+
+    - ``lifespan``: BA < ``threshold``: the rounds the backdoor lasts after the attacker leaves, the durability
+      measure of Chameleon (Dai & Li, ICML 2023) and Neurotoxin (Zhang et al., ICML 2022). A backdoor that is not
+      planted, BA_end already below the threshold, has no lifespan: NaN (not 0), so a weak attack does not pass
+      for a short-lived one.
+    - ``half_life``: BA_t / BA_end < ``half_life_ratio``: a normalised decay time, defined for any BA_end > 0, that
+      compares backdoors planted to different levels.
     """
     rounds, ba, ma = record["rounds"], record["ba"], record["ma"]
     out = {"ma_final": ma[-1] if ma else math.nan}
@@ -83,13 +95,33 @@ def curve_summary(record: dict[str, Any], threshold: float = 0.5) -> dict[str, f
         return out
     out["ba_peak"], out["ba_final"] = max(v for _, v in bas), bas[-1][1]
     attack = record.get("attack_rounds") or []
-    if attack:
-        end = max(attack) + 1  # rounds completed when the window closed
-        after = [(r, v) for r, v in bas if r >= end]
-        out["ba_attack_end"] = after[0][1] if after else math.nan
-        out["ba_mean_after"] = sum(v for _, v in after) / len(after) if after else math.nan
-        below = [r for r, v in after if v < threshold]
-        out["lifespan"] = float((below[0] if below else rounds[-1]) - end)
+    if not attack:
+        return out
+    end = max(attack) + 1  # rounds completed when the window closed
+    out["window_end"], out["window_length"] = float(end), float(len(set(attack)))
+    after = [(r, v) for r, v in bas if r >= end]
+    exact = (record.get("ba_at") or {}).get(str(end))  # BA measured right after the last attack round
+    if exact is not None and (not after or after[0][0] != end):
+        after = [(end, exact), *after]
+    nan = math.nan
+    if not after:
+        out.update(ba_attack_end=nan, ba_mean_after=nan, lifespan=nan, half_life=nan)
+        return out
+    ba_end = after[0][1]
+    out["ba_attack_end"], out["ba_mean_after"] = ba_end, sum(v for _, v in after) / len(after)
+
+    def rounds_until(condition) -> tuple[float, float]:
+        hit = next((r for r, v in after if condition(v)), None)
+        return (float((hit if hit is not None else rounds[-1]) - end), float(hit is None))
+
+    if ba_end < threshold:
+        out["lifespan"], out["lifespan_censored"] = nan, nan
+    else:
+        out["lifespan"], out["lifespan_censored"] = rounds_until(lambda v: v < threshold)
+    if ba_end > 0:
+        out["half_life"], out["half_life_censored"] = rounds_until(lambda v: v / ba_end < half_life_ratio)
+    else:
+        out["half_life"], out["half_life_censored"] = nan, nan
     return out
 
 
@@ -107,7 +139,8 @@ def _spans(rounds: list[int]) -> list[tuple[int, int]]:
 class RoundCurves(pl.Callback):
     """Records MA (``val/acc``) and BA (``val/asr``) after every validation, indexed by rounds completed, and the
     rounds in which the attack was active (``round/attack_active``); writes ``<log dir>/<stem>.json`` (the record
-    and its :func:`curve_summary`: peak BA, BA when the attack window closed, backdoor lifespan, final MA/BA) and
+    and its :func:`curve_summary`: peak BA, BA when the attack window closed, backdoor lifespan and half-life,
+    mean BA after the window, final MA/BA) and
     a PNG plot with the attack window shaded, at the end of fit and, if ``every_validation``, after every
     validation. The record is part of the checkpoint, so a resumed run continues the same curve.
 
@@ -116,16 +149,20 @@ class RoundCurves(pl.Callback):
         every_validation: Rewrite both files after every validation, not only at the end of fit.
         title: Plot title (default: the run directory's name).
         lifespan_threshold: BA level below which the backdoor counts as gone (default 0.5: the backdoor no
-            longer fires on most triggered inputs; Neurotoxin and Chameleon report lifespans against such a
-            fixed BA level, and a clean MNIST model's BA for our triggers is below 1%).
+            longer fires on most triggered inputs; Neurotoxin and Chameleon report lifespans against a fixed BA
+            level, and a clean MNIST model's BA for our triggers is below 1%). Neither the official Chameleon
+            code (it logs the mean BA over rounds, ``MEAN_ACCURACY``) nor the parts of the paper readable here
+            state the level, so it is a setting.
+        half_life_ratio: the normalised decay level: the half-life is reached when BA falls below this fraction
+            of its value when the window closed.
     """
 
     def __init__(
         self, stem: str = "curves", every_validation: bool = True, title: str | None = None,
-        lifespan_threshold: float = 0.5,
+        lifespan_threshold: float = 0.5, half_life_ratio: float = 0.5,
     ) -> None:  # fmt: skip
         self.stem, self.every_validation, self.title = stem, every_validation, title
-        self.lifespan_threshold = lifespan_threshold
+        self.lifespan_threshold, self.half_life_ratio = lifespan_threshold, half_life_ratio
         self.record: dict[str, list] = {"rounds": [], "ma": [], "ba": [], "attack_rounds": []}
         self.out_dir: Path | None = None
 
@@ -133,6 +170,9 @@ class RoundCurves(pl.Callback):
         active = trainer.callback_metrics.get("round/attack_active")
         if active is not None and float(active) > 0:
             self.record["attack_rounds"].append(trainer.global_step - 1)  # the round that just ran
+            ba = trainer.callback_metrics.get("round/ba_global")  # measured when the window may close early
+            if ba is not None and math.isfinite(float(ba)):
+                self.record.setdefault("ba_at", {})[str(trainer.global_step)] = float(ba)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -153,7 +193,7 @@ class RoundCurves(pl.Callback):
 
     def summary(self) -> dict[str, float]:
         """The numbers written beside the curves (:func:`curve_summary`)."""
-        return curve_summary(self.record, self.lifespan_threshold)
+        return curve_summary(self.record, self.lifespan_threshold, self.half_life_ratio)
 
     def write(self, trainer: pl.Trainer) -> None:
         out = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir is a collective under DDP: every rank

@@ -35,7 +35,8 @@ class Stage:
     Args:
         key: unique name, also the run directory (``<root>/<key>/seed<k>``), e.g. ``mnist/poisoned``.
         config: config path relative to the config root (``configs/`` or ``tests/configs/`` with ``--tiny``).
-        overrides: extra CLI arguments; ``{seed}`` and ``{artifact:<key>}`` are substituted.
+        overrides: extra CLI arguments; ``{seed}`` and ``{artifact:<key>}`` are substituted (a key may start with
+            ``../<comparison>/`` to use another comparison's stage).
         group: table group (e.g. the dataset); label: the row's condition (e.g. ``poisoned``).
     """
 
@@ -57,6 +58,7 @@ class Comparison:
     notes: str = ""
     plot: Callable[[dict, Path], None] | None = None
     plain: tuple[str, ...] = ()  # metric keys shown as numbers, not percentages (e.g. a lifespan in rounds)
+    table: Callable[[Comparison, dict[str, list[dict]]], str] | None = None  # replaces summarize() (e.g. mean ± SE)
 
 
 def _substitute(arg: str, seed: int, root: Path) -> str:
@@ -65,8 +67,16 @@ def _substitute(arg: str, seed: int, root: Path) -> str:
         start = arg.index("{artifact:")
         stop = arg.index("}", start)
         key = arg[start + len("{artifact:") : stop]
-        arg = arg[:start] + str(root / key / f"seed{seed}" / "artifact") + arg[stop + 1 :]
+        arg = arg[:start] + str(_stage_dir(root, key) / f"seed{seed}" / "artifact") + arg[stop + 1 :]
     return arg
+
+
+def _stage_dir(root: Path, key: str) -> Path:
+    """``root / key`` with ``..`` resolved, so a key such as ``../chameleon/mnist/warmup`` shares another
+    comparison's stage (its run and artifact are made once)."""
+    from os.path import normpath
+
+    return Path(normpath(root / key))
 
 
 def run_stage(stage: Stage, seed: int, root: Path, config_root: Path, force: bool = False) -> dict:
@@ -74,7 +84,7 @@ def run_stage(stage: Stage, seed: int, root: Path, config_root: Path, force: boo
     from recipes.cli import main
     from recipes.resume import resume_candidates
 
-    run_dir = root / stage.key / f"seed{seed}"
+    run_dir = _stage_dir(root, stage.key) / f"seed{seed}"
     result_file = run_dir / "result.json"
     if result_file.exists() and not force:
         return json.loads(result_file.read_text())
@@ -82,7 +92,7 @@ def run_stage(stage: Stage, seed: int, root: Path, config_root: Path, force: boo
         "fit",
         f"--config={config_root / stage.config}",
         f"--seed_everything={seed}",
-        f"--trainer.default_root_dir={root / stage.key}",
+        f"--trainer.default_root_dir={_stage_dir(root, stage.key)}",
         f"--run_name=seed{seed}",
         *[_substitute(a, seed, root) for a in stage.overrides],
     ]
@@ -107,6 +117,7 @@ def run_stage(stage: Stage, seed: int, root: Path, config_root: Path, force: boo
 
 
 def _fmt(values: list[float], percent: bool = True) -> str:
+    values = [v for v in values if v == v]  # NaN: undefined for that seed (e.g. the lifespan of no backdoor)
     scale = 100.0 if percent else 1.0
     if not values:
         return "—"
@@ -228,7 +239,7 @@ def reproduce(
             print(f"[reproduce {name}] seed {seed}: {stage.key}", flush=True)
             results.setdefault(stage.key, []).append(run_stage(stage, seed, root, config_root, force))
     total = time.perf_counter() - start
-    table = summarize(comp, results)
+    table = (comp.table or summarize)(comp, results)
     out.mkdir(parents=True, exist_ok=True)
     doc = (
         f"# {comp.title}\n\n`python -m recipes.reproduce {name}`{' --tiny' if tiny else ''}"

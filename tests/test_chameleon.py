@@ -115,3 +115,34 @@ def test_warm_start_from_an_artifact(tmp_path):
     wrong = make_recipe(net=MnistCNN(image_size=8, width=4, hidden=16), init_from=str(tmp_path / "warm"))
     with pytest.raises(ValueError, match="does not fit this net"):
         wrong.configure_model()
+
+
+def test_chameleon_comparison_runs_on_tiny_twins(tmp_path):
+    """``python -m recipes.reproduce chameleon --tiny``: the warm-up artifact feeds the clean continuation and every
+    attack, the table has mean ± SE columns, the plot is written; ``chameleon-planted`` shares the warm-ups."""
+    import json
+
+    from recipes.reproduce import COMPARISONS, _substitute, reproduce
+
+    table = reproduce("chameleon", seeds=[0], root=tmp_path / "runs", out=tmp_path / "out", tiny=True, only=["mnist"])
+    stages = [s for s in COMPARISONS["chameleon"].stages if s.key.startswith("mnist")]
+    assert [s.key for s in stages] == ["mnist/warmup", "mnist/clean", "mnist/baseline", "mnist/pgd",
+                                       "mnist/neurotoxin_official", "mnist/chameleon"]  # fmt: skip
+    for stage in stages:
+        assert f"| {stage.label} |" in table
+        if stage.key != "mnist/warmup":
+            manifest = tmp_path / "runs/chameleon" / stage.key / "seed0/artifact/manifest.json"
+            manifest = json.loads(manifest.read_text())
+            assert "mnist/warmup/seed0/artifact" in manifest["parents"][0]["path"], stage.key
+    assert "lifespan (rounds, BA ≥ 50%)" in table and "half-life" in table
+    assert (tmp_path / "out" / "chameleon-mnist.png").stat().st_size > 5000
+    result = json.loads((tmp_path / "runs/chameleon/mnist/chameleon/seed0/result.json").read_text())
+    assert result["metrics"]["curve/window_length"] == 3 and "curve/half_life" in result["metrics"]
+
+    planted = {s.key: s for s in COMPARISONS["chameleon-planted"].stages}
+    assert "../chameleon/mnist/warmup" in planted and "../chameleon/mnist/clean" in planted
+    warm = _substitute("{artifact:../chameleon/mnist/warmup}", 0, tmp_path / "runs/chameleon-planted")
+    assert warm == str(tmp_path / "runs/chameleon/mnist/warmup/seed0/artifact")  # the run made above, shared
+    attack = planted["mnist/chameleon"].overrides
+    assert any("stop_at_ba=0.9" in a for a in attack)
+    assert any("{artifact:../chameleon/mnist/warmup}" in a for a in attack)

@@ -85,7 +85,8 @@ def test_base_recipe_saves_plain_hyperparameters_of_the_whole_init_chain():
     assert hparams.label_smoothing == 0.1 and "net" not in hparams and "optimizer" not in hparams
     attack = Neurotoxin(schedule=AttackSchedule([0]), keep_ratio=0.9)
     recipe = FederatedRecipe(net=net, attack=attack, server_lr=0.5)
-    assert set(recipe.hparams) == {"clients_per_round", "server_lr", "server_momentum", "buffers", "seed", "init_from"}
+    assert set(recipe.hparams) == {"clients_per_round", "server_lr", "server_momentum", "buffers", "seed", "init_from",
+                                   "benign_lr_knots", "post_attack_lr", "post_attack_from", "decay_rounds"}
     assert recipe.hparams.server_lr == 0.5
 
 

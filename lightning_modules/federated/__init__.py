@@ -6,11 +6,13 @@ handling live in ``callbacks/``.
 """
 
 from lightning_modules.federated.aggregators import Aggregator, FedAvg, Flame, Krum, Median, NormClipping, TrimmedMean
-from lightning_modules.federated.attacks import Attack, AttackSchedule, NaivePoisoning, Neurotoxin, PGDPoisoning
+from lightning_modules.federated.attacks import (
+    Attack, AttackerData, AttackSchedule, NaivePoisoning, Neurotoxin, PGDPoisoning,
+)  # fmt: skip
 from lightning_modules.federated.local import ClientContext, LocalTrainer
 from lightning_modules.federated.recipe import FederatedRecipe, ServerDefense
 
 __all__ = [
-    "Aggregator", "Attack", "AttackSchedule", "ClientContext", "FedAvg", "FederatedRecipe", "Flame", "Krum", "LocalTrainer", "Median",
+    "Aggregator", "Attack", "AttackerData", "AttackSchedule", "ClientContext", "FedAvg", "FederatedRecipe", "Flame", "Krum", "LocalTrainer", "Median",
     "NaivePoisoning", "Neurotoxin", "NormClipping", "PGDPoisoning", "ServerDefense", "TrimmedMean",
 ]

@@ -25,6 +25,7 @@ from lightning_modules.federated.aggregators import Aggregator, FedAvg
 from lightning_modules.federated.attacks import Attack
 from lightning_modules.federated.local import ClientContext, LocalTrainer
 from lightning_modules.ops import aggregation as agg_ops
+from lightning_modules.ops.schedules import piecewise_linear
 from foundation.artifacts import load_artifact, parent_record
 
 
@@ -93,6 +94,21 @@ class FederatedRecipe(BaseRecipe):
         init_from: artifact (e.g. a clean federated warm-up exported by ``ExportArtifact``) whose ``net.*``
             tensors initialise the global model, so an attack study does not retrain the clean phase; its
             sha256 is verified and it is recorded as this run's parent. Round numbers restart at 0.
+        benign_lr_knots: the benign clients' local lr per round, ``[[round, lr], ...]`` interpolated linearly
+            (:func:`~lightning_modules.ops.schedules.piecewise_linear`; ``None``: ``local``'s constant lr). The
+            official schedule is a linear ramp from 0.001 to 0.2 over rounds 1-500 and a linear decay after it
+            (Chameleon-durable-backdoor@c74618a, training.py: ``if epoch <= 500:`` / ``lr = epoch*(target_lr -
+            lr_init)/499.0 + lr_init - (target_lr - lr_init)/499.0`` / ``else:`` / ``lr = epoch*(-target_lr)/1500
+            + target_lr*4.0/3.0``, floored at 1e-4).
+        post_attack_lr: the benign clients' local lr from ``post_attack_from`` on: the official decay phase, which
+            sets the *benign clients'* lr, not the server's, after the last poisoning round (training.py: ``if
+            epoch > helper.params['poison_epochs'][-1]:`` / ``lr = helper.params['persistence_diff']``;
+            ``persistence_diff`` is 0.03 for the pixel trigger in commands.sh, 0.005 in the yaml, 0.001 for the
+            green car). ``None``: no change.
+        post_attack_from: first round of ``post_attack_lr`` (``None``: the end of the attack window, which an
+            early-stopped window moves; a run without an attack must name it).
+        decay_rounds: stop the run this many rounds after the attack window closes (so windows of different
+            length are followed by decay phases of equal length; ``trainer.max_steps`` stays the cap).
     """
 
     progress_step_name = "round"  # callbacks.progress prints "round 15/60", not "step 15/60"
@@ -102,7 +118,8 @@ class FederatedRecipe(BaseRecipe):
         aggregator: Aggregator | None = None, attack: Attack | None = None,
         server_defense_hooks: list[ServerDefense] | None = None, server_lr: float = 1.0,
         server_momentum: float = 0.0, buffers: Literal["average", "keep"] = "average", seed: int | None = None,
-        init_from: str | None = None,
+        init_from: str | None = None, benign_lr_knots: list[tuple[float, float]] | None = None,
+        post_attack_lr: float | None = None, post_attack_from: int | None = None, decay_rounds: int | None = None,
     ):  # fmt: skip
         super().__init__()
         self.automatic_optimization = False
@@ -111,6 +128,8 @@ class FederatedRecipe(BaseRecipe):
         self.attack, self.server_defense_hooks = attack, list(server_defense_hooks or [])
         self.server_lr, self.server_momentum, self.buffers, self.seed = server_lr, server_momentum, buffers, seed
         self.init_from, self._warm_started = init_from, False
+        self.benign_lr_knots = [tuple(k) for k in benign_lr_knots] if benign_lr_knots else None
+        self.post_attack_lr, self.post_attack_from, self.decay_rounds = post_attack_lr, post_attack_from, decay_rounds
         self.last_server_update: Tensor | None = None
         self._scratch: list[nn.Module] = []  # one reusable client model, not a registered submodule
 
@@ -151,6 +170,14 @@ class FederatedRecipe(BaseRecipe):
         if not 1 <= self.clients_per_round <= dm.num_clients:
             raise ValueError(f"clients_per_round={self.clients_per_round} must be in [1, num_clients={dm.num_clients}]")
         self.aggregator.check(self.clients_per_round)
+        if self.post_attack_lr is not None and self.post_attack_from is None and self.attack is None:
+            raise ValueError("post_attack_lr without an attack needs post_attack_from (the round the decay phase "
+                             "starts, e.g. the attack runs' window end) or post_attack_lr: null")  # fmt: skip
+        if self.post_attack_lr is not None and self.post_attack_lr <= 0:
+            raise ValueError(f"post_attack_lr must be > 0, got {self.post_attack_lr}")
+        stops_early = self.attack is not None and self.attack.schedule.stop_at_ba is not None
+        if stops_early and len(getattr(dm, "val_sets", [])) < 2:
+            raise ValueError("schedule.stop_at_ba needs the triggered test set: set data.init_args.poisoning")
         if self.attack is not None:
             self.attack.check(dm.num_clients, self.clients_per_round)
             if dm.poisoning is None:
@@ -176,6 +203,24 @@ class FederatedRecipe(BaseRecipe):
             self._scratch.append(copy.deepcopy(self.net))
         return self._scratch[0].to(self.device)
 
+    def decay_start(self) -> int | None:
+        """The first round of ``post_attack_lr`` (``None``: not known yet, or never)."""
+        if self.post_attack_from is not None:
+            return self.post_attack_from
+        return self.attack.window_end() if self.attack is not None else None
+
+    def benign_lr(self, round: int) -> float:
+        """The benign clients' local lr in round ``round`` (round schedule, then the decay phase)."""
+        start = self.decay_start()
+        if self.post_attack_lr is not None and start is not None and round >= start:
+            return self.post_attack_lr
+        return piecewise_linear(round, self.benign_lr_knots) if self.benign_lr_knots else self.local.lr
+
+    def local_for(self, round: int) -> LocalTrainer:
+        """The benign trainer of round ``round`` (``local`` with the round's lr)."""
+        lr = self.benign_lr(round)
+        return self.local if lr == self.local.lr else self.local.with_overrides(lr=lr)
+
     def is_malicious(self, client: int, round: int) -> bool:
         return self.attack is not None and self.attack.is_active(round) and client in self.attack.malicious_clients
 
@@ -191,13 +236,15 @@ class FederatedRecipe(BaseRecipe):
         global_flat = parameters_to_vector(global_params)
         x, y = (t.to(self.device) for t in dm.client_data(client))
         last = None if self.last_server_update is None else self.last_server_update.to(self.device)
-        ctx = ClientContext(round, client, global_params, global_flat, last, dm, self.local,
-                            torch.Generator().manual_seed(_seed(self.seed, round, client)))  # fmt: skip
+        pad = float(dm.normalize(torch.zeros(()))) if hasattr(dm, "normalize") else 0.0  # a black pixel
+        ctx = ClientContext(round, client, global_params, global_flat, last, dm, self.local_for(round),
+                            torch.Generator().manual_seed(_seed(self.seed, round, client)), pad)  # fmt: skip
         with torch.enable_grad():
             if self.is_malicious(client, round):
+                x, y = self.attack.training_data(x, y, ctx)
                 self.attack.local_train(model, x, y, ctx)
             else:
-                self.local.train(model, x, y, ctx.generator)
+                ctx.local.train(model, x, y, ctx.generator, pad_value=pad)
         update = parameters_to_vector(model.parameters()).detach() - global_flat
         if self.is_malicious(client, round):
             update = self.attack.post_process(update, ctx)
@@ -256,13 +303,47 @@ class FederatedRecipe(BaseRecipe):
         self.last_server_update = after - before
         for hook in self.server_defense_hooks:
             hook.after_aggregation(self, round)
-        self.log_dict(self.round_stats(round, out), on_step=True, on_epoch=False)
+        stats = self.round_stats(round, out)
+        self.end_window_early(round, stats)
+        end = self.attack.window_end() if self.attack is not None else None
+        if self.decay_rounds is not None and end is not None and round + 1 >= end + self.decay_rounds:
+            self.trainer.should_stop = True  # the decay phase is complete (Lightning still validates)
+        self.log_dict(stats, on_step=True, on_epoch=False)
+
+    @torch.no_grad()
+    def backdoor_accuracy(self) -> float:
+        """BA of the global model on the DataModule's triggered test set (its non-target images)."""
+        dm = self.trainer.datamodule
+        x, labels = dm.val_sets[1].tensors[:2]
+        was_training = self.net.training
+        self.net.eval()
+        hits = total = 0
+        for i in range(0, len(labels), 1000):
+            xb, yb = x[i : i + 1000].to(self.device), labels[i : i + 1000].to(self.device)
+            keep = yb != dm.target_label
+            hits += int((self.net(xb).argmax(-1)[keep] == dm.target_label).sum())
+            total += int(keep.sum())
+        self.net.train(was_training)
+        return hits / max(total, 1)
+
+    def end_window_early(self, round: int, stats: dict[str, float]) -> None:
+        """``schedule.stop_at_ba``: after an attack round that leaves BA at or above it, the window closes."""
+        if self.attack is None or self.attack.schedule.stop_at_ba is None:
+            return
+        if not self.attack.is_active(round):
+            stats["round/ba_global"] = float("nan")  # every key every round (see round_stats)
+            return
+        ba = self.backdoor_accuracy()
+        stats["round/ba_global"] = ba
+        if ba >= self.attack.schedule.stop_at_ba:
+            self.attack.stop(round + 1)
 
     def round_stats(self, round: int, out: dict[str, Any]) -> dict[str, float]:
         ok, mal = out["finite"], out["malicious"]
         norms = torch.linalg.vector_norm(out["updates"], dim=1)
         stats = {"round/nan_updates": float((~ok).sum()), "round/aggregate_norm": float(out["aggregate"].norm()),
-                 "round/attack_active": float(self.attack is not None and self.attack.is_active(round))}  # fmt: skip
+                 "round/attack_active": float(self.attack is not None and self.attack.is_active(round)),
+                 "round/benign_lr": self.benign_lr(round)}  # fmt: skip
         # Every key every round (NaN where undefined): Lightning would otherwise repeat a stale value.
         nan = float("nan")
         stats["round/update_norm_mean"] = float(norms[ok & ~mal].mean()) if (ok & ~mal).any() else nan

@@ -18,11 +18,13 @@ def mean_curves(runs: list[dict]) -> dict | None:
                if "log_dir" in r and (Path(r["log_dir"]) / "curves.json").exists()]  # fmt: skip
     if not records:
         return None
-    rounds = records[0]["rounds"]
-    records = [rec for rec in records if rec["rounds"] == rounds]
+    # seeds may stop at different rounds (an early-closing window with decay_rounds): average each round over the
+    # seeds that evaluated it
+    rounds = sorted({r for rec in records for r in rec["rounds"]})
 
     def avg(key: str) -> list:
-        cols = list(zip(*[rec[key] for rec in records]))
+        at = [dict(zip(rec["rounds"], rec[key])) for rec in records]
+        cols = [[a[r] for a in at if r in a] for r in rounds]
         return [None if any(v is None for v in col) else statistics.fmean(col) for col in cols]
 
     return {"rounds": rounds, "ma": avg("ma"), "ba": avg("ba"), "attack_rounds": records[0]["attack_rounds"]}
@@ -70,8 +72,9 @@ FL_COLUMNS = {"test/acc": "final MA (%)", "curve/ba_attack_end": "BA at attack e
 
 
 def fl_warmup_stage(dataset: str, data: list[str], rounds: int, group: str, label: str = "clean warm-up") -> Stage:
-    """The clean warm-up (norm clipping, no attack, ``rounds`` rounds) that the chameleon and trojandam comparisons'
-    attack runs start from, as ``{artifact:<dataset>/warmup}``."""
+    """The clean warm-up (configs/chameleon/mnist_normclip.yaml: norm clipping, no attack, ``rounds`` rounds) that
+    the trojandam comparison's attack runs start from, as ``{artifact:<dataset>/warmup}`` (the chameleon comparison
+    has its own, ``configs/chameleon/mnist_testbed_warmup.yaml``)."""
     return Stage(f"{dataset}/warmup", "chameleon/mnist_normclip.yaml",
                  ["--config=configs/fl/attacks/none.yaml", f"--trainer.max_steps={rounds}", *data], group, label)
 

@@ -2,12 +2,13 @@
 FedAvg, norm clipping, Multi-Krum and FLAME under a continuous backdoor attack (naive, Neurotoxin, Chameleon) on
 MNIST and Fashion-MNIST.
 
-Each attack run starts from a clean warm-up artifact (``fl_warmup_stage``, the chameleon comparison's warm-up:
-same config, net and partition), then the attacker (client 0) takes part in every one of the
-``configs/trojandam/mnist_continuous.yaml`` rounds. The federation (partition, client test splits) is drawn with
-data seed 0 for every run seed, so the attacker's data stay the same (see the chameleon comparison); the run seed
-draws the initialisation, client sampling and SGD noise. Stages are ordered by priority (MNIST naive and Neurotoxin,
-then Chameleon, then Fashion-MNIST), so ``--only`` prefixes such as ``mnist/naive`` run the most important first.
+Each attack run starts from a clean warm-up artifact (``fl_warmup_stage``: 60 clean rounds of
+``configs/chameleon/mnist_normclip.yaml``, the same net and partition), then the attacker (client 0) takes part in
+every one of the ``configs/trojandam/mnist_continuous.yaml`` rounds. The federation (partition, client test
+splits) is drawn with data seed 0 for every run seed, so the attacker's data stay the same (see the chameleon
+comparison); the run seed draws the initialisation, client sampling and SGD noise. Stages are ordered by priority
+(MNIST naive and Neurotoxin, then Chameleon, then Fashion-MNIST), so ``--only`` prefixes such as ``mnist/naive`` run
+the most important first.
 """
 
 from __future__ import annotations
