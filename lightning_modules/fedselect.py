@@ -79,7 +79,8 @@ class FedSelect(PersonalizedFedAvg):
         for _ in range(self.local.local_epochs):
             for active in (personal, ~personal):
                 if active.any():
-                    one_pass.train(model, x, y, ctx.generator, after_step=restore_inactive(model, active))
+                    one_pass.train(model, x, y, ctx.generator, after_step=restore_inactive(model, active),
+                                   pad_value=ctx.pad_value)
 
     def after_local_update(self, round: int, client: int) -> None:
         """Grow the client's mask every ``period`` rounds (not in round 0), per eligible tensor."""

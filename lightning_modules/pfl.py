@@ -37,6 +37,7 @@ from lightning_modules.federated.local import ClientContext, LocalTrainer
 from lightning_modules.federated.recipe import (
     FederatedRecipe,
     _seed,
+    black_pixel,
     flat_buffers,
     load_flat_buffers,
 )
@@ -120,7 +121,7 @@ class PersonalizedFedAvg(FederatedRecipe):
 
     def local_update(self, model: nn.Module, x: Tensor, y: Tensor, ctx: ClientContext) -> None:
         """Train ``model`` in place on the client's data (here: all entries, ``self.local``)."""
-        self.local.train(model, x, y, ctx.generator)
+        self.local.train(model, x, y, ctx.generator, pad_value=ctx.pad_value)
 
     def after_local_update(self, round: int, client: int) -> None:
         """Runs after the round's aggregation weights are fixed (FedSelect grows the mask here)."""
@@ -147,7 +148,7 @@ class PersonalizedFedAvg(FederatedRecipe):
         g = parameters_to_vector(self.net.parameters()).detach()
         x, y = (t.to(self.device) for t in dm.client_data(client))
         ctx = ClientContext(round, client, list(self.net.parameters()), g, None, dm, self.local,
-                            torch.Generator().manual_seed(_seed(self.seed, round, client)))  # fmt: skip
+                            torch.Generator().manual_seed(_seed(self.seed, round, client)), black_pixel(dm))  # fmt: skip
         with torch.enable_grad():
             self.local_update(model, x, y, ctx)
         new = parameters_to_vector(model.parameters()).detach()
@@ -184,7 +185,8 @@ class PersonalizedFedAvg(FederatedRecipe):
             x, y = (t.to(self.device) for t in dm.client_data(client))
             gen = torch.Generator().manual_seed(_seed(self.seed, -2, client))
             with torch.enable_grad():
-                self.local.with_overrides(local_epochs=self.finetune_epochs).train(model, x, y, gen)
+                self.local.with_overrides(local_epochs=self.finetune_epochs).train(model, x, y, gen,
+                                                                                   pad_value=black_pixel(dm))
         return model
 
     @torch.no_grad()
@@ -305,11 +307,11 @@ class Ditto(PersonalizedFedAvg):
 
         with torch.enable_grad():
             self.local.with_overrides(local_epochs=self.personal_epochs).train(personal, x, y, personal_gen,
-                                                                            loss_fn=prox_loss)
+                                                                            loss_fn=prox_loss, pad_value=black_pixel(dm))
             v = parameters_to_vector(personal.parameters()).detach()
             if torch.isfinite(v).all():
                 self.clients["params"][client] = v
                 self.clients["buffers"][client] = flat_buffers(personal)
             model = self._model(g, flat_buffers(self.net))  # the global model's FedAvg training
-            self.local.train(model, x, y, gen)
+            self.local.train(model, x, y, gen, pad_value=black_pixel(dm))
         return parameters_to_vector(model.parameters()).detach() - g, flat_buffers(model)

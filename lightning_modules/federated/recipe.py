@@ -67,6 +67,11 @@ def load_flat_buffers(model: nn.Module, flat: Tensor) -> None:
             offset += b.numel()
 
 
+def black_pixel(dm: Any) -> float:
+    """The normalised value of a black pixel: the fill of ``LocalTrainer``'s random crop (``augment``)."""
+    return float(dm.normalize(torch.zeros(()))) if hasattr(dm, "normalize") else 0.0
+
+
 class FederatedRecipe(BaseRecipe):
     """Federated training of ``net`` on a :class:`~datamodules.federated.FederatedDataModule`, one round per
     training step, with optional attack, robust aggregation and server-side defenses.
@@ -236,7 +241,7 @@ class FederatedRecipe(BaseRecipe):
         global_flat = parameters_to_vector(global_params)
         x, y = (t.to(self.device) for t in dm.client_data(client))
         last = None if self.last_server_update is None else self.last_server_update.to(self.device)
-        pad = float(dm.normalize(torch.zeros(()))) if hasattr(dm, "normalize") else 0.0  # a black pixel
+        pad = black_pixel(dm)
         ctx = ClientContext(round, client, global_params, global_flat, last, dm, self.local_for(round),
                             torch.Generator().manual_seed(_seed(self.seed, round, client)), pad)  # fmt: skip
         with torch.enable_grad():
