@@ -140,8 +140,10 @@ def test_the_adversary_generator_does_not_depend_on_the_rank():
 
 
 def _shared_draw_worker(rank: int, port: int) -> None:
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from types import SimpleNamespace
+
+    from lightning.pytorch.strategies.strategy import _ForwardRedirection
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     from lightning_modules.nets.fsdp import TransformerBlockPolicy
 
@@ -173,12 +175,45 @@ def _shared_draw_worker(rank: int, port: int) -> None:
         assert all(getattr(p, "_fsdp_flattened", False) for p in params)
         optimizer = model.configure_optimizers()
         assert [p for g in optimizer.param_groups for p in g["params"]] == params
+        # several backward passes in one training step (Lightning runs training_step inside the root's forward):
+        # each loss a forward of the wrapper (TAR.through_wrapper), as the official model(**inputs) calls
+        own = torch.randint(5, 900, (2, 6), generator=torch.Generator().manual_seed(rank))  # each rank's data
+        common = torch.randint(5, 900, (2, 6), generator=torch.Generator().manual_seed(7))
+        batch = [own, torch.ones_like(own, dtype=torch.bool)] * 2
+        snapshot = [p.detach().clone() for p in params]
+
+        def inner_loop(direct: bool = False) -> torch.Tensor:
+            call = (lambda m, *a: getattr(model, m)(*a)) if direct else model.through_wrapper
+            for _ in range(2):
+                loss = call("adversary_loss", batch[:3], False)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                call("tr_loss", batch[:3]).backward()
+            return torch.zeros(())
+
+        model.inner_loop = inner_loop
+        _ForwardRedirection()(wrapped, model, "inner_loop")
+        assert any(not torch.equal(p, q) for p, q in zip(params, snapshot)), "the adversary moved nothing"
+        with torch.no_grad():
+            probe = model.through_wrapper("adversary_loss", [common, torch.ones_like(common, dtype=torch.bool)] * 2,
+                                          False)  # fmt: skip
+        probes: list = [None, None]
+        dist.all_gather_object(probes, probe.item())
+        assert probes[0] == pytest.approx(probes[1], rel=1e-6), "the ranks' weights drifted apart"
+        with torch.no_grad():  # the snapshot restores the flat shards exactly
+            for p, q in zip(params, snapshot):
+                p.copy_(q)
+        assert all(torch.equal(p, q) for p, q in zip(params, snapshot))
+        with pytest.raises(AssertionError, match="BACKWARD_PRE"):  # why: direct calls break FSDP1's root unit
+            _ForwardRedirection()(wrapped, model, "inner_loop", True)
         model._trainer = None
     finally:
         dist.destroy_process_group()
 
 
-def test_every_rank_draws_the_same_adversary_and_fsdp_trains_flat_parameters():
+def test_every_rank_draws_the_same_adversary_and_fsdp_trains_flat_parameters_across_backward_passes():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
