@@ -264,8 +264,8 @@ def test_tar_comparison_runs_on_tiny_twins_and_writes_every_attack_row(tmp_path)
     assert "floor: trained blocks re-initialised" in table
     attacks = (tmp_path / "out" / "tar-attacks.md").read_text()
     assert "| adamw_lr1e-3 |" in attacks and "| lora_r2 |" in attacks and "before attack" in attacks
-    for stage, parent in (("tar", "random_mapping"), ("tar_norep", "random_mapping"),
-                          ("tar_top4", "random_mapping_top4")):  # fmt: skip
+    for stage, parent in (("tar", "random_mapping"), ("ablation/no_representation", "random_mapping"),
+                          ("top4/tar", "top4/random_mapping")):  # fmt: skip
         manifest = (tmp_path / "runs" / "tar" / stage / "seed0" / "artifact" / "manifest.json").read_text()
         assert f"/{parent}/seed0/artifact" in manifest, stage  # TAR started from that Random Mapping's artifact
 

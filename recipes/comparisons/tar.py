@@ -9,9 +9,11 @@ Random-Mapping warm start (schedule-free AdamW, lr 2e-5, 750 steps of 16 sentenc
 official (schedule-free AdamW lr 2e-5 with 32 warm-up steps, 750 outer steps, TR entropy over every token, one
 adversary per outer step drawn as data type x learning rate) except K = 24 inner steps (official 64), with training
 adversaries that span the harness's optimizers and learning rates. Ablations, each from the same Random Mapping
-artifact: the TR entropy and the adversaries' loss over answer tokens only (``tar_answer_tokens``), no representation
-term (``tar_norep``), the weak adversaries of the first reproduction (``tar_weak_adversaries``), and the whole
-comparison at the first reproduction's depth, the top 4 blocks (``*_top4``).
+artifact: the TR entropy and the adversaries' loss over answer tokens only (``ablation/answer_tokens``), no
+representation term (``ablation/no_representation``), the weak adversaries of the first reproduction
+(``ablation/weak_adversaries``), and floor, Random Mapping and TAR at the first reproduction's depth, the top 4 blocks
+(``top4/...``). ``--only none floor gradient_ascent random_mapping tar`` runs the main comparison alone,
+``--only ablation`` or ``--only top4`` the rest (the ablations read the ``random_mapping`` stage's artifact).
 
 Besides the summary table (``docs/results/tar.md``), the plot step writes every attack's row per safeguard to
 ``docs/results/tar-attacks.md`` and a bar chart of forget accuracy after each attack to ``docs/results/tar.png``.
@@ -31,11 +33,11 @@ GROUP_TOP4 = "the same, top 4 blocks (the first reproduction's depth)"
 SAFEGUARDS = {"none": "no safeguard", "floor": "floor: trained blocks re-initialised (no training)",
               "gradient_ascent": "gradient ascent", "random_mapping": "Random Mapping (official warm start)",
               "tar": "TAR (from Random Mapping; official but K = 24)",
-              "tar_answer_tokens": "TAR, TR entropy and adversary loss on answer tokens only",
-              "tar_norep": "TAR without the representation term",
-              "tar_weak_adversaries": "TAR against the first reproduction's adversaries (AdamW 3e-5 / 1e-4, K = 8)",
-              "floor_top4": "floor, top 4 blocks", "random_mapping_top4": "Random Mapping, top 4 blocks",
-              "tar_top4": "TAR, top 4 blocks"}  # fmt: skip
+              "ablation/answer_tokens": "TAR, TR entropy and adversary loss on answer tokens only",
+              "ablation/no_representation": "TAR without the representation term",
+              "ablation/weak_adversaries": "TAR against the first design's adversaries (AdamW 3e-5 / 1e-4, K = 8)",
+              "top4/floor": "floor, top 4 blocks", "top4/random_mapping": "Random Mapping, top 4 blocks",
+              "top4/tar": "TAR, top 4 blocks"}  # fmt: skip
 SEED = "--data.init_args.seed={seed}"
 FROM_RM = "--model.init_args.init_from={artifact:random_mapping}"
 # the training adversaries of smollm2_tar.yaml with answer-token losses (the space must be given whole: a partial
@@ -129,13 +131,13 @@ COMPARISONS["tar"] = Comparison(
         _stage("random_mapping", "smollm2_random_mapping"),
         _stage("tar", "smollm2_tar", FROM_RM),
         # ablations: where is tamper resistance lost? (each from the same Random Mapping artifact)
-        _stage("tar_answer_tokens", "smollm2_tar", FROM_RM, "--model.init_args.tr_tokens=answer", ANSWER_SPACE),
-        _stage("tar_norep", "smollm2_tar", FROM_RM, "--model.init_args.representation_weight=0"),
-        _stage("tar_weak_adversaries", "smollm2_tar", FROM_RM, *WEAK),
+        _stage("ablation/answer_tokens", "smollm2_tar", FROM_RM, "--model.init_args.tr_tokens=answer", ANSWER_SPACE),
+        _stage("ablation/no_representation", "smollm2_tar", FROM_RM, "--model.init_args.representation_weight=0"),
+        _stage("ablation/weak_adversaries", "smollm2_tar", FROM_RM, *WEAK),
         # the first reproduction's depth: a floor that one attack already lifts to ~50%
-        _stage("floor_top4", "smollm2_floor", TOP4, group=GROUP_TOP4),
-        _stage("random_mapping_top4", "smollm2_random_mapping", TOP4, group=GROUP_TOP4),
-        _stage("tar_top4", "smollm2_tar", TOP4, "--model.init_args.init_from={artifact:random_mapping_top4}",
+        _stage("top4/floor", "smollm2_floor", TOP4, group=GROUP_TOP4),
+        _stage("top4/random_mapping", "smollm2_random_mapping", TOP4, group=GROUP_TOP4),
+        _stage("top4/tar", "smollm2_tar", TOP4, "--model.init_args.init_from={artifact:top4/random_mapping}",
                group=GROUP_TOP4),
     ],
     columns={"test/forget_acc": "forget acc before (%)", "test/retain_acc": "retain acc before (%)",
@@ -153,7 +155,7 @@ COMPARISONS["tar"] = Comparison(
     "2e-5 (32 warm-up steps), K = 24 (official 64), TR every 4, lambda 0.0625, TR scale 4, representation term, "
     "entropy over every token; one adversary per outer step: forget (2/3) or retain-then-forget (1/3) x AdamW "
     "1e-5 / 1e-4 / 1e-3, Adam 3e-4 or SGD 1e-2, every token of the sentence in its loss, batch 8. Ablations start from "
-    "the same Random Mapping; *_top4 repeat floor, Random Mapping and TAR with the top 4 blocks. Every attack's row: "
+    "the same Random Mapping; top4/* repeat floor, Random Mapping and TAR with the top 4 blocks. Every attack's row: "
     "tar-attacks.md.",
     plot=tar_report,
 )
