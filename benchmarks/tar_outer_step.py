@@ -34,7 +34,7 @@ from benchmarks._common import check_rss, peak_rss_mb, run_fresh, write_json
 from datamodules.tar_facts import TamperFactsDataModule
 from lightning_modules.nets.split_lm import SplitCausalLM
 from lightning_modules.ops import tar as ops
-from lightning_modules.tamper import TamperAttack, answer_logits, lm_loss, trim
+from lightning_modules.tamper import TamperAttack, lm_loss, token_logits, trim
 from lightning_modules.tar import TAR
 
 TINY = {"num_hidden_layers": 4, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
@@ -111,7 +111,7 @@ def time_bare(args, model, dm, adversary) -> list[float]:
             inner.step()
             if k in weights:
                 inner.zero_grad()
-                (ops.entropy_loss(answer_logits(net, x_tr)) * weights[k]).backward()
+                (ops.entropy_loss(token_logits(net, x_tr, model.tr_tokens)) * weights[k]).backward()
         outer.zero_grad()
         ids, mask, _ = trim(*retain)
         h, hidden = net(ids, mask)
@@ -119,7 +119,7 @@ def time_bare(args, model, dm, adversary) -> list[float]:
             _, ref_hidden = ref(ids, mask)
         sel = mask[:, 1:]
         lm = torch.nn.functional.cross_entropy(net.logits(h[:, :-1][sel]).float(), ids[:, 1:][sel])
-        (lm + ops.representation_distance(hidden, ref_hidden, mask)).backward()
+        (lm + ops.representation_distance(hidden, ref_hidden, mask, model.num_states)).backward()
         outer.step()
         if dev.type == "cuda":
             torch.cuda.synchronize()

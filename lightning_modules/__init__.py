@@ -27,8 +27,8 @@ from lightning_modules.nets.clip import CLIPImageClassifier
 from lightning_modules.nets.split_lm import SplitCausalLM
 from lightning_modules.pfl import Ditto, FedPer, LGFedAvg, PersonalizedFedAvg
 from lightning_modules.suspect_finetuning import SuspectFineTuning
-from lightning_modules.tamper import TamperAttack
-from lightning_modules.tar import GradientAscent, NoSafeguard, RandomMapping, Safeguard, TAR
+from lightning_modules.tamper import AdversarySpace, TamperAttack
+from lightning_modules.tar import GradientAscent, NoSafeguard, RandomMapping, RandomReinit, Safeguard, TAR
 from lightning_modules.trojandam import TrojanDam
 from lightning_modules.w2sdefense import PEFTUnlearning, ProjectedTeacher, W2SDefense, W2SDefenseBroadcast
 
@@ -42,3 +42,4 @@ __all__ = [
     "SuspectFineTuning", "TAR", "TamperAttack", "TaskArithmetic", "TaskFineTuning", "Ties", "TrimmedMean",
     "TrojanDam", "W2SDefense", "W2SDefenseBroadcast",
 ]
+__all__ += ["AdversarySpace", "RandomReinit"]  # TAR: the training-adversary space, the floor control

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -78,11 +78,105 @@ class TamperAttack:
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
         return int(random.Random(seed).betavariate(6.0, 3.0) * self.steps)
 
-    def batches(self, dm, forget_split: str, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
-        """The ``steps`` training batches of this adversary from a ``TamperFactsDataModule``."""
-        switch = self.retain_steps(generator)
+    def batches(
+        self, dm, forget_split: str, generator: torch.Generator, retain_steps: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        """The ``steps`` training batches of this adversary from a ``TamperDataModule``; the first ``retain_steps``
+        on retain text (``None``: drawn here with :meth:`retain_steps`)."""
+        switch = self.retain_steps(generator) if retain_steps is None else retain_steps
         for k in range(self.steps):
             yield dm.sample("retain_train" if k < switch else forget_split, self.batch_size, generator)
+
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
+DATA_TYPES = ("forget", "retain_then_forget")
+
+
+@dataclass
+class AdversarySpace:
+    """TAR's training adversaries drawn as the official code draws them (``rishub-tamirisa/tamper-resistance@19de233``,
+    ``modules/training.py::tar_training_loop``): every outer step draws the data type
+    (``adversary_type = distributed_sample_task(adversary_dist_types)``) and, independently, the learning rate
+    (``adversary_lr = distributed_sample_adversary_lr(adversary_lr_samples, accelerator)``, uniform over the list),
+    then makes a fresh optimizer. The official inner optimizer is always AdamW
+    (``inner_optimizer = torch.optim.AdamW(model.parameters(), lr=adversary_lr)``); here every optimizer lists its own
+    learning rates, so the training adversaries can span a harness of several optimizers (an SGD learning rate is not
+    an AdamW one), and every (optimizer, learning rate) pair is equally likely.
+
+    Args:
+        learning_rates: optimizer (``adamw``, ``adam``, ``sgd``, ``adafactor``) -> its learning rates (official bio:
+            ``{adamw: [2e-6, 2e-5, 4e-5]}``, ``--adversary_lr_samples 2e-6,2e-5,4e-5``).
+        data: data type (``forget``, ``retain_then_forget``) -> sampling weight (official bio
+            ``--adversary_dist_types pile-bio:0.33,camel-bio:0.33,retain_forget_switch:0.33``: two forget corpora and
+            the retain-then-forget switch at a Beta(6, 3) share of the steps).
+        steps: inner steps ``K`` of every adversary (official ``--tar_inner_loop_steps 64``).
+        batch_size: sentences per step (official ``--tar_adversary_batch_size 4``).
+        completion_only: the adversaries' LM loss counts only answer tokens; official ``False``: every token
+            (``obj_standard_max_next_token`` -> ``log_p_loss`` with ``labels = input_ids``).
+    """
+
+    learning_rates: dict[str, list[float]] = field(default_factory=lambda: {"adamw": [2e-6, 2e-5, 4e-5]})
+    data: dict[str, float] = field(default_factory=lambda: {"forget": 2.0, "retain_then_forget": 1.0})
+    steps: int = 64
+    batch_size: int = 4
+    completion_only: bool = False
+
+    def __post_init__(self):
+        odd = sorted(set(self.learning_rates) - set(OPTIMIZERS)) + sorted(set(self.data) - set(DATA_TYPES))
+        if odd:
+            raise ValueError(f"adversary space: unknown {odd}; optimizers are {OPTIMIZERS}, data types {DATA_TYPES}")
+        if not self.pairs() or not self.data or min(self.data.values()) < 0 or sum(self.data.values()) <= 0:
+            raise ValueError("adversary space: give at least one learning rate and positive data-type weights")
+
+    def pairs(self) -> list[tuple[str, float]]:
+        """Every (optimizer, learning rate) of the space, in order."""
+        return [(opt, float(lr)) for opt, lrs in self.learning_rates.items() for lr in lrs]
+
+    def draw(self, generator: torch.Generator) -> TamperAttack:
+        """One adversary: its data type by weight, then its (optimizer, learning rate) uniformly."""
+        types = list(self.data)
+        weights = torch.tensor([float(self.data[t]) for t in types])
+        kind = types[int(torch.multinomial(weights, 1, generator=generator))]
+        pairs = self.pairs()
+        opt, lr = pairs[int(torch.randint(len(pairs), (1,), generator=generator))]
+        return TamperAttack(name=f"{opt}_lr{lr:g}_{kind}", optimizer=opt, lr=lr, steps=self.steps,
+                            batch_size=self.batch_size, data=kind, completion_only=self.completion_only)  # fmt: skip
+
+
+def check_training_adversaries(adversaries: list[TamperAttack] | AdversarySpace, tr_every: int) -> None:
+    """Refuse training adversaries TAR's inner loop cannot run: none, LoRA or all-layer ones (the inner loop
+    fine-tunes the trained parameters), or fewer steps than ``tr_every`` (no TR evaluation would run)."""
+    attacks = [adversaries.draw(torch.Generator())] if isinstance(adversaries, AdversarySpace) else adversaries
+    if not attacks:
+        raise ValueError("TAR needs at least one training adversary")
+    for adv in attacks:
+        if adv.lora_rank or adv.layers != "trainable":
+            raise ValueError(f"training adversary {adv.name!r}: TAR's inner loop fine-tunes the trained "
+                             "parameters; use lora_rank: 0 and layers: trainable")  # fmt: skip
+        if adv.steps < tr_every:
+            raise ValueError(f"training adversary {adv.name!r} has {adv.steps} steps < tr_every={tr_every}: no TR "
+                             "evaluation would run; lower tr_every or raise its steps")  # fmt: skip
+
+
+def draw_adversary(
+    adversaries: list[TamperAttack] | AdversarySpace, generator: torch.Generator
+) -> tuple[TamperAttack, int]:
+    """One training adversary and its number of retain steps, drawn with ``generator`` and then, in a process group
+    of several ranks, broadcast from rank 0, so that every rank runs the same adversary (official:
+    ``distributed_sample_task`` ends with ``accelerate_utils.broadcast_object_list([task_type], 0)``, the learning
+    rate comes from ``dist.broadcast(random_number, src=0)`` and the switch point from
+    ``accelerate.utils.broadcast_object_list([M], 0)``). Ranks that ran different adversaries would also run
+    different numbers of backward passes, and FSDP's collectives would wait forever."""
+    if isinstance(adversaries, AdversarySpace):
+        attack = adversaries.draw(generator)
+    else:
+        weights = torch.tensor([float(a.weight) for a in adversaries])
+        attack = adversaries[int(torch.multinomial(weights, 1, generator=generator))]
+    drawn: list = [attack, attack.retain_steps(generator)]
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(drawn, src=0)
+    return drawn[0], drawn[1]
 
 
 def trim(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -101,8 +195,18 @@ def lm_loss(net: SplitCausalLM, batch: tuple[torch.Tensor, ...], completion_only
 
 def answer_logits(net: SplitCausalLM, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Logits at the positions that predict answer tokens (``[N_answer_tokens, V]``)."""
+    return token_logits(net, batch, "answer")
+
+
+def token_logits(net: SplitCausalLM, batch: tuple[torch.Tensor, ...], tokens: Literal["all", "answer"]) -> torch.Tensor:
+    """Logits ``[N, V]`` at every real token of a sentence batch (``all``) or at the positions that predict its
+    answer tokens (``answer``). TAR's official entropy counts every position
+    (``modules/objectives.py::max_entropy_loss``: ``torch.sum(-softmax * log_softmax, dim=-1).mean()`` over the
+    whole ``[B, T, V]`` logits); ``all`` counts every real token and leaves padding out."""
     ids, mask, ans = trim(*batch[:3])
     h, _ = net(ids, mask)
+    if tokens == "all":
+        return net.logits(h[mask])
     return net.logits(h[:, :-1][ans[:, 1:]])
 
 

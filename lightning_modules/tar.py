@@ -1,5 +1,6 @@
-"""TAR (Tamirisa et al., "Tamper-Resistant Safeguards for Open-Weight LLMs", ICLR 2025, arXiv 2408.00761) and the
-safeguards it is compared with: none, gradient-ascent unlearning and Random Mapping.
+"""TAR (Tamirisa et al., "Tamper-Resistant Safeguards for Open-Weight LLMs", ICLR 2025, arXiv 2408.00761) and its
+initial safeguard, Random Mapping (the other safeguards it is compared with, and their base, are in
+:mod:`lightning_modules.safeguards`, re-exported here).
 
 TAR trains the weights so that fine-tuning adversaries *fail to restore* removed knowledge while retain
 performance holds. After an initial safeguard (Random Mapping: hidden states of forget text are pushed towards
@@ -20,148 +21,38 @@ Every recipe evaluates forget and retain multiple-choice accuracy (``TamperFacts
 accuracy (the safeguard's utility), ``forget_acc`` the knowledge it should remove. Tamper resistance itself is
 measured by ``callbacks.TamperingHarness`` after training.
 
-Differences from the official code (all knobs): the model may train only its top blocks (``SplitCausalLM``) with
-the trunk's output cached; the TR entropy and the attacks' loss count the answer tokens; the representation term
-averages over the trained blocks' outputs; the outer optimizer is the injected one (official: schedule-free AdamW).
+Matched to the official code (``rishub-tamirisa/tamper-resistance@19de233``; knobs, official by default): the TR
+entropy over every token (``tr_tokens``); Random Mapping and the representation term averaged over every hidden state
+(``hidden_states``); one adversary per outer step on every rank (:func:`lightning_modules.tamper.draw_adversary`);
+the training adversaries drawn as data type x learning rate (:class:`lightning_modules.tamper.AdversarySpace`); the
+outer optimizer is the injected one (the configs: ``schedulefree.AdamWScheduleFree``, lr 2e-5, 32 warm-up steps, as
+``tar.py``: ``schedulefree.AdamWScheduleFree(model.parameters(), lr=args.lr, warmup_steps=args.warmup_steps)`` with
+``run_tar_bio.sh``'s ``--lr 2e-05 --warmup_steps 32``). Differences: the model may train only its top blocks
+(``SplitCausalLM``) with the trunk's output cached; pads never count (the official batches are padded to 256 tokens
+and every position of the entropy counts); one adversary per outer step (``tar_num_tasks_sampled 1``, as the run
+scripts) and no TR-loss lower bound (the scripts pass ``--unbounded``).
 """
 
 from __future__ import annotations
 
-import torch
-from lightning.pytorch.cli import OptimizerCallable
-from torchmetrics import MeanMetric
+from typing import Literal
 
-from lightning_modules.base import BaseRecipe
+import torch
+
 from lightning_modules.nets.split_lm import SplitCausalLM
 from lightning_modules.ops import tar as ops
+from lightning_modules.safeguards import GradientAscent, NoSafeguard, RandomReinit, Safeguard
 from lightning_modules.tamper import (
+    AdversarySpace,
     TamperAttack,
-    answer_logits,
+    check_training_adversaries,
+    draw_adversary,
     lm_loss,
-    option_scores,
+    token_logits,
     trim,
 )
-from foundation.artifacts import load_artifact, parent_record
 
-_METRICS = ("forget_acc", "forget_nll", "retain_acc", "retain_nll")
-
-
-class Safeguard(BaseRecipe):
-    """Base of the safeguards: model building, artifact hand-over, forget/retain evaluation, and one manual
-    optimisation step of :meth:`safeguard_loss` on a ``{"forget", "retain"}`` sentence batch per training step.
-
-    Args:
-        model: the causal LM (its spec; built in ``configure_model``).
-        optimizer: optimizer factory of the safeguard's (outer) training, over the trained parameters.
-        init_from: artifact whose tensors (the trained parameters of an earlier safeguard) are loaded after
-            building, e.g. TAR starting from Random Mapping.
-        retain_weight: weight of the retain LM loss in the baselines' objective.
-    """
-
-    def __init__(
-        self,
-        model: SplitCausalLM,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        init_from: str | None = None,
-        retain_weight: float = 1.0,
-    ):
-        super().__init__()
-        self.net, self.optimizer, self.init_from, self.retain_weight = model, optimizer, init_from, retain_weight
-        self.automatic_optimization = False
-        self.configure_metrics()
-        self._parents: list[dict] = []
-        self._built = False
-
-    # --- weights ------------------------------------------------------------------------------------------
-    def configure_models(self) -> None:
-        if self._built:  # Lightning calls this at every fit/test
-            return
-        super().configure_models()
-        self.after_build()
-        if self.init_from is not None:
-            art = load_artifact(self.init_from)
-            trained = set(self.artifact_state_dict())
-            if set(art.state_dict) != trained:  # e.g. other trainable_layers: trunk weights would bypass the cache
-                odd = sorted(set(art.state_dict) ^ trained)[:3]
-                raise ValueError(f"{self.init_from} does not hold exactly this model's trained tensors (e.g. {odd}): "
-                                 "was it exported by a safeguard over the same model spec (trainable_layers)?")  # fmt: skip
-            self.load_state_dict(art.state_dict, strict=False)
-            self._parents = [parent_record(art)]
-        self._built = True
-
-    def after_build(self) -> None:
-        """Hook run after the model is built and before ``init_from`` is loaded."""
-
-    def artifact_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained parameters only (the frozen trunk is the pretrained model's, named by the spec)."""
-        return {k: v.detach() for k, v in self.named_parameters() if v.requires_grad}
-
-    def artifact_parents(self) -> list[dict]:
-        return self._parents
-
-    def configure_optimizers(self):
-        return self.optimizer(self.net.trainable_parameters())
-
-    # --- training -----------------------------------------------------------------------------------------
-    def safeguard_loss(self, batch: dict) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must define safeguard_loss (or override training_step)")
-
-    def training_step(self, batch: dict, batch_idx: int) -> None:
-        opt = self.optimizers()
-        loss = self.safeguard_loss(batch)
-        opt.zero_grad()
-        self.manual_backward(loss)
-        opt.step()
-        self.log("train/loss", loss.detach(), prog_bar=True)
-
-    # --- evaluation ---------------------------------------------------------------------------------------
-    def configure_metrics(self) -> None:
-        """Forget and retain multiple-choice accuracy and answer NLL per split (they need no DataModule, so
-        ``__init__`` creates them)."""
-        if not hasattr(self, "metrics"):
-            self.metrics = torch.nn.ModuleDict({f"{s}_{m}": MeanMetric() for s in ("val", "test") for m in _METRICS})
-
-    def evaluate(self, split: str, batch, dataloader_idx: int) -> None:
-        ids, mask, ans, label = batch
-        scores = option_scores(self.net, ids, mask, ans)
-        domain = ("retain", "forget")[dataloader_idx]  # the DataModule's order
-        acc = self.metrics[f"{split}_{domain}_acc"]
-        nll = self.metrics[f"{split}_{domain}_nll"]
-        acc.update((scores.argmax(-1) == label).float())
-        nll.update(-scores.gather(-1, label[:, None]).squeeze(-1))
-        self.log(f"{split}/{domain}_acc", acc, add_dataloader_idx=False, prog_bar=True)
-        self.log(f"{split}/{domain}_nll", nll, add_dataloader_idx=False)
-        if domain == "retain":
-            self.log(f"{split}/acc", acc, add_dataloader_idx=False)
-
-
-class NoSafeguard(Safeguard):
-    """The undefended model: no training (one no-op step), evaluated like the safeguards."""
-
-    def configure_optimizers(self):
-        return None
-
-    def training_step(self, batch: dict, batch_idx: int) -> None:
-        return None
-
-
-class GradientAscent(Safeguard):
-    """Gradient-ascent unlearning: maximise the LM loss on forget text while minimising it on retain text
-    (``-forget_weight * L_LM(forget) + retain_weight * L_LM(retain)``), the simplest unlearning baseline.
-
-    Args:
-        model: the causal LM (see :class:`Safeguard`, whose other arguments pass through).
-        forget_weight: weight of the (negated) forget LM loss.
-    """
-
-    def __init__(self, model: SplitCausalLM, forget_weight: float = 1.0, **kwargs):
-        super().__init__(model=model, **kwargs)
-        self.forget_weight = forget_weight
-
-    def safeguard_loss(self, batch: dict) -> torch.Tensor:
-        forget = lm_loss(self.net, batch["forget"])
-        self.log("train/forget_lm", forget.detach())
-        return -self.forget_weight * forget + self.retain_weight * lm_loss(self.net, batch["retain"], False)
+__all__ = ["GradientAscent", "NoSafeguard", "RandomMapping", "RandomReinit", "Safeguard", "TAR"]
 
 
 class RandomMapping(Safeguard):
@@ -173,11 +64,27 @@ class RandomMapping(Safeguard):
         model: the causal LM (see :class:`Safeguard`, whose other arguments pass through).
         mapping_weight: weight of the random-mapping cosine loss.
         mapping_seed: seed of the random table ``H`` (vocabulary x hidden size).
+        hidden_states: the layers the cosine loss (and TAR's representation term) average over: ``all`` hidden
+            states, the embeddings' included, as official (``modules/objectives.py``: ``outputs = model(**_x_f,
+            output_hidden_states=True)``; the frozen ones add constants, so the trained blocks' terms are summed and
+            divided by ``net.num_hidden_states``), or the ``trained`` blocks' outputs only.
     """
 
-    def __init__(self, model: SplitCausalLM, mapping_weight: float = 1.0, mapping_seed: int = 0, **kwargs):
+    def __init__(
+        self,
+        model: SplitCausalLM,
+        mapping_weight: float = 1.0,
+        mapping_seed: int = 0,
+        hidden_states: Literal["all", "trained"] = "all",
+        **kwargs,
+    ):
         super().__init__(model=model, **kwargs)
-        self.mapping_weight, self.mapping_seed = mapping_weight, mapping_seed
+        self.mapping_weight, self.mapping_seed, self.hidden_states = mapping_weight, mapping_seed, hidden_states
+
+    @property
+    def num_states(self) -> int | None:
+        """The denominator of the per-layer means (``None``: the layers given)."""
+        return self.net.num_hidden_states if self.hidden_states == "all" else None
 
     def after_build(self) -> None:
         cfg = self.net.lm.config
@@ -188,7 +95,7 @@ class RandomMapping(Safeguard):
     def random_mapping_loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         ids, mask = trim(batch[0], batch[1])
         _, hidden = self.net(ids, mask)
-        return ops.random_mapping_loss(hidden, self.random_table[ids].to(hidden[0].dtype), mask)
+        return ops.random_mapping_loss(hidden, self.random_table[ids].to(hidden[0].dtype), mask, self.num_states)
 
     def safeguard_loss(self, batch: dict) -> torch.Tensor:
         mapping = self.random_mapping_loss(batch["forget"])
@@ -203,8 +110,11 @@ class TAR(RandomMapping):
 
     Args:
         model: the causal LM (see :class:`Safeguard`; the arguments of :class:`RandomMapping` pass through).
-        adversaries: the training adversaries, sampled by ``weight`` each outer step (they fine-tune the trained
-            parameters; official bio: AdamW at lr 2e-6 / 2e-5 / 4e-5, K = 64, forget or retain-then-forget).
+        adversaries: training adversaries (they fine-tune the trained parameters) sampled by each one's ``weight``;
+            one is drawn per outer step and shared by every rank.
+        adversary_space: instead of ``adversaries``, the space they are drawn from as official: data type x
+            learning rate (:class:`AdversarySpace`; official bio: AdamW at 2e-6 / 2e-5 / 4e-5, K = 64, forget or
+            retain-then-forget).
         tr_every: TR loss every this many inner steps (``tar_inner_loop_subsample``, official 4).
         schedule_lambda: ``lambda`` of the inner-step weights (official 0.0625; 0: equal weights).
         tr_scale: scale of the TR loss (``tar_tamper_resistance_grad_scale``, official 4.0).
@@ -213,12 +123,15 @@ class TAR(RandomMapping):
             (official: 1 with ``--retain_representations``).
         meta_batch_size: held-out forget sentences ``x_TR`` per outer step (fixed across its inner steps).
         random_mapping_steps: Random Mapping steps before the outer steps.
+        tr_tokens: where the TR entropy is taken on ``x_TR``: every token (``all``, official
+            ``max_entropy_loss(outputs.logits)``) or the positions that predict answer tokens (``answer``).
     """
 
     def __init__(
         self,
         model: SplitCausalLM,
-        adversaries: list[TamperAttack],
+        adversaries: list[TamperAttack] | None = None,
+        adversary_space: AdversarySpace | None = None,
         tr_every: int = 4,
         schedule_lambda: float = 0.0625,
         tr_scale: float = 4.0,
@@ -226,26 +139,23 @@ class TAR(RandomMapping):
         representation_weight: float = 1.0,
         meta_batch_size: int = 8,
         random_mapping_steps: int = 0,
+        tr_tokens: Literal["all", "answer"] = "all",
         **kwargs,
     ):
         super().__init__(model=model, **kwargs)
-        if not adversaries:
-            raise ValueError("TAR needs at least one training adversary")
-        for adv in adversaries:
-            if adv.lora_rank or adv.layers != "trainable":
-                raise ValueError(f"training adversary {adv.name!r}: TAR's inner loop fine-tunes the trained "
-                                 "parameters; use lora_rank: 0 and layers: trainable")  # fmt: skip
-            if adv.steps < tr_every:
-                raise ValueError(f"training adversary {adv.name!r} has {adv.steps} steps < tr_every={tr_every}: no TR "
-                                 "evaluation would run; lower tr_every or raise its steps")  # fmt: skip
-        self.adversaries = list(adversaries)
+        if (adversaries is None) == (adversary_space is None):
+            raise ValueError("TAR needs exactly one of adversaries (a list) and adversary_space")
+        self.adversaries = adversary_space if adversary_space is not None else list(adversaries or [])
+        check_training_adversaries(self.adversaries, tr_every)
         self.tr_every, self.schedule_lambda, self.tr_scale = tr_every, schedule_lambda, tr_scale
         self.retain_scale, self.representation_weight = retain_scale, representation_weight
         self.meta_batch_size, self.random_mapping_steps = meta_batch_size, random_mapping_steps
+        self.tr_tokens = tr_tokens
         self.__dict__["reference"] = None  # frozen original model (not a submodule: never trained, never saved)
         self._snapshot: list[torch.Tensor] | None = None
         self._tr_grad: list[torch.Tensor] | None = None
         self._gen: torch.Generator | None = None
+        self._adversary_gen: torch.Generator | None = None
 
     def after_build(self) -> None:
         super().after_build()
@@ -254,21 +164,42 @@ class TAR(RandomMapping):
 
     def on_fit_start(self) -> None:
         self.reference.to(self.device)
-        self._gen = torch.Generator().manual_seed(torch.initial_seed() + self.global_rank)
+        self.seed_generators(torch.initial_seed(), self.global_rank)
+
+    def seed_generators(self, seed: int, rank: int) -> None:
+        """The data generator (``x_TR`` and the adversaries' batches) differs per rank, as each official rank reads
+        its own batches; the adversary generator does not depend on the rank, and :func:`draw_adversary` broadcasts
+        rank 0's draw as well."""
+        self._gen = torch.Generator().manual_seed(seed + rank)
+        self._adversary_gen = torch.Generator().manual_seed(seed + 0x5EED)
+
+    def draw_adversary(self) -> tuple[TamperAttack, int]:
+        """This outer step's adversary and its number of retain steps, the same on every rank."""
+        if self._adversary_gen is None:
+            self.seed_generators(torch.initial_seed(), self.global_rank)
+        return draw_adversary(self.adversaries, self._adversary_gen)
 
     def make_adversary_optimizer(self, adversary: TamperAttack, params: list[torch.nn.Parameter]):
         """A fresh optimizer for this outer step's adversary (a hook: tests check it never outlives the step)."""
         return adversary.make_optimizer(params)
 
+    def adversary_loss(self, batch: list[torch.Tensor], completion_only: bool) -> torch.Tensor:
+        """The adversary's LM loss on one of its batches."""
+        return lm_loss(self.net, batch, completion_only)
+
+    def tr_loss(self, x_tr: list[torch.Tensor]) -> torch.Tensor:
+        """The tamper-resistance loss at the current (attacked) weights: minus the entropy on ``x_TR``."""
+        return ops.entropy_loss(token_logits(self.net, x_tr, self.tr_tokens))
+
     def retain_loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """LM loss plus the distance of the trained blocks' outputs to the original model's."""
+        """LM loss plus the distance of the hidden states to the original model's (:attr:`hidden_states`)."""
         ids, mask, _ = trim(*batch)
         h, hidden = self.net(ids, mask)
         sel = mask[:, 1:]
         lm = torch.nn.functional.cross_entropy(self.net.logits(h[:, :-1][sel]).float(), ids[:, 1:][sel])
         with torch.no_grad():
             _, ref = self.reference(ids, mask)
-        dist = ops.representation_distance(hidden, ref, mask)
+        dist = ops.representation_distance(hidden, ref, mask, self.num_states)
         self.log_dict({"train/retain_lm": lm.detach(), "train/retain_distance": dist.detach()})
         return lm + self.representation_weight * dist
 
@@ -279,7 +210,7 @@ class TAR(RandomMapping):
 
     def outer_step(self, batch: dict) -> None:
         opt, dm = self.optimizers(), self.trainer.datamodule
-        params = self.net.trainable_parameters()
+        params = self.trained_parameters()
         if self._snapshot is None:  # allocated once, reused by every outer step
             self._snapshot = [p.detach().clone() for p in params]
             self._tr_grad = [torch.zeros_like(p) for p in params]
@@ -288,20 +219,20 @@ class TAR(RandomMapping):
                 buf.copy_(p)
             for g in self._tr_grad:
                 g.zero_()
-        pick = torch.multinomial(torch.tensor([a.weight for a in self.adversaries]), 1, generator=self._gen).item()
-        adversary = self.adversaries[pick]
+        adversary, retain_steps = self.draw_adversary()
         weights = ops.inner_step_weights(adversary.steps, self.tr_every, self.schedule_lambda)
         x_tr = [t.to(self.device) for t in dm.sample("forget_meta", self.meta_batch_size, self._gen)]
         inner = self.make_adversary_optimizer(adversary, params)
         tr_total, adv_loss = 0.0, torch.zeros(())
-        for k, adv_batch in enumerate(adversary.batches(dm, "forget_train", self._gen)):
-            adv_loss = lm_loss(self.net, [t.to(self.device) for t in adv_batch], adversary.completion_only)
+        for k, adv_batch in enumerate(adversary.batches(dm, "forget_train", self._gen, retain_steps)):
+            batch_k = [t.to(self.device) for t in adv_batch]
+            adv_loss = self.through_wrapper("adversary_loss", batch_k, adversary.completion_only)
             inner.zero_grad(set_to_none=True)
             self.manual_backward(adv_loss)
             inner.step()
             if k in weights:
                 inner.zero_grad(set_to_none=True)
-                tr = ops.entropy_loss(answer_logits(self.net, x_tr))
+                tr = self.through_wrapper("tr_loss", x_tr)
                 self.manual_backward(tr * (self.tr_scale * weights[k]))
                 with torch.no_grad():
                     for acc, p in zip(self._tr_grad, params):
@@ -313,7 +244,7 @@ class TAR(RandomMapping):
         with torch.no_grad():
             for p, buf in zip(params, self._snapshot):
                 p.copy_(buf)
-        retain = self.retain_loss(batch["retain"])
+        retain = self.through_wrapper("retain_loss", batch["retain"])
         opt.zero_grad()
         self.manual_backward(self.retain_scale * retain)
         with torch.no_grad():
@@ -321,4 +252,5 @@ class TAR(RandomMapping):
                 p.grad = g.clone() if p.grad is None else p.grad.add_(g)
         opt.step()
         self.log_dict({"train/tr_loss": tr_total, "train/adversary_loss": adv_loss.detach(),
-                       "train/retain_loss": retain.detach(), "train/adversary": float(pick)}, prog_bar=False)  # fmt: skip
+                       "train/retain_loss": retain.detach(), "train/adversary_lr": adversary.lr,
+                       "train/adversary_retain_steps": float(retain_steps)}, prog_bar=False)  # fmt: skip

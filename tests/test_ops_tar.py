@@ -131,3 +131,28 @@ def test_random_mapping_loss_averages_layers_and_masked_tokens():
 def test_token_mean(values, mask, expected):
     got = ops.token_mean(torch.tensor(values), torch.tensor(mask))
     torch.testing.assert_close(got, torch.tensor(expected))
+
+
+def test_layer_means_over_every_hidden_state_equal_the_official_mean_with_frozen_layers():
+    """Official TAR averages Random Mapping and the representation term over every hidden state
+    (output_hidden_states=True); passing only the trained layers with num_states gives the same gradient (and, for the
+    representation term, whose frozen layers are exactly 0, the same value)."""
+    torch.manual_seed(0)
+    frozen = [torch.randn(2, 3, 4) for _ in range(3)]  # embeddings + trunk: no gradient
+    trained = [torch.randn(2, 3, 4, requires_grad=True) for _ in range(2)]
+    targets, mask = torch.randn(2, 3, 4), torch.tensor([[True, True, False], [True, False, False]])
+
+    official = ops.random_mapping_loss(frozen + trained, targets, mask)
+    ours = ops.random_mapping_loss(trained, targets, mask, num_states=5)
+    g_official = torch.autograd.grad(official, trained)
+    g_ours = torch.autograd.grad(ours, trained)
+    for a, b in zip(g_official, g_ours):
+        torch.testing.assert_close(a, b)
+
+    reference = frozen + [t.detach() + 0.5 for t in trained]
+    official = ops.representation_distance(frozen + trained, reference, mask)
+    ours = ops.representation_distance(trained, reference[3:], mask, num_states=5)
+    torch.testing.assert_close(official, ours)
+    assert ops.representation_distance(trained, reference[3:], mask).item() == pytest.approx(official.item() * 5 / 2)
+    with pytest.raises(ValueError, match="num_states"):
+        ops.representation_distance(trained, reference[3:], mask, num_states=1)

@@ -257,12 +257,17 @@ def test_recipes_tamper_cli_prints_every_attack(tmp_path, capsys):
 def test_tar_comparison_runs_on_tiny_twins_and_writes_every_attack_row(tmp_path):
     from recipes.reproduce import reproduce
 
+    from recipes.comparisons.tar import SAFEGUARDS
+
     table = reproduce("tar", seeds=[0], root=tmp_path / "runs", out=tmp_path / "out", tiny=True)
-    assert len(table.splitlines()) == 2 + 6  # header, rule, one row per stage
+    assert len(table.splitlines()) == 2 + len(SAFEGUARDS)  # header, rule, one row per stage
+    assert "floor: trained blocks re-initialised" in table
     attacks = (tmp_path / "out" / "tar-attacks.md").read_text()
     assert "| adamw_lr1e-3 |" in attacks and "| lora_r2 |" in attacks and "before attack" in attacks
-    parents = (tmp_path / "runs" / "tar" / "tar" / "seed0" / "artifact" / "manifest.json").read_text()
-    assert "random_mapping" in parents  # TAR started from the Random Mapping stage's artifact
+    for stage, parent in (("tar", "random_mapping"), ("ablation/no_representation", "random_mapping"),
+                          ("top4/tar", "top4/random_mapping")):  # fmt: skip
+        manifest = (tmp_path / "runs" / "tar" / stage / "seed0" / "artifact" / "manifest.json").read_text()
+        assert f"/{parent}/seed0/artifact" in manifest, stage  # TAR started from that Random Mapping's artifact
 
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "tar" / "attacks").glob("*.yaml")),

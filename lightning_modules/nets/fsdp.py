@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 
@@ -61,3 +62,22 @@ class TransformerBlockPolicy:
                 self.find_blocks(module)
             return True
         return type(module).__name__ in self.block_names
+
+
+class FlatParamFSDPStrategy(FSDPStrategy):
+    """Lightning's ``FSDPStrategy`` with FSDP1's ``use_orig_params`` as a typed argument (Lightning sets it to ``True``
+    unless told otherwise, and a config cannot reach its ``**kwargs``). With ``False`` the optimizers hold each unit's
+    flat parameter, as TAR's official runs need (``rishub-tamirisa/tamper-resistance@19de233``, README: "For
+    running TAR with FSDP v1, it's important that `fsdp_use_orig_params=false` and `fsdp_sharding_strategy=1`");
+    a recipe then builds its optimizers over ``self.trainer.model.parameters()`` (``Safeguard.trained_parameters``).
+    Every parameter of one unit must then share ``requires_grad``: train every weight, or wrap so that frozen and
+    trained weights never share a unit.
+
+    Args:
+        use_orig_params: FSDP1's ``use_orig_params`` (``False``: flat parameters in the optimizers).
+
+    The arguments of ``lightning.pytorch.strategies.FSDPStrategy`` pass through.
+    """
+
+    def __init__(self, use_orig_params: bool = False, **kwargs):
+        super().__init__(use_orig_params=use_orig_params, **kwargs)

@@ -92,6 +92,34 @@ class SplitCausalLM(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    @property
+    def num_hidden_states(self) -> int:
+        """How many hidden states the whole model has, as Hugging Face counts them (``len(outputs.hidden_states)``
+        with ``output_hidden_states=True``: the embeddings' output and every block's)."""
+        return len(self.lm_spec.model.model.layers) + 1
+
+    @torch.no_grad()
+    def reinitialise(self, seed: int = 0) -> None:
+        """Draw the trained parameters afresh, as Hugging Face initialises a new model
+        (``PreTrainedModel._init_weights``: linear and embedding weights ~ N(0, ``initializer_range``), biases 0,
+        norm weights 1), from ``seed``. The frozen trunk keeps its pretrained weights (and its cache stays valid)."""
+        gen = torch.Generator().manual_seed(seed)
+        std = getattr(self.lm.config, "initializer_range", 0.02) or 0.02
+        for module in self.lm.modules():
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, std, generator=gen)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif "Norm" in type(module).__name__:
+                module.weight.fill_(1.0)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            else:
+                raise TypeError(f"reinitialise: no initialisation known for trained {type(module).__name__}")
+
     def encode(self, text: str) -> list[int]:
         return self.lm_spec.encode(text)
 
@@ -139,7 +167,7 @@ class SplitCausalLM(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``(final normed hidden states [B, T, d], outputs of the trained blocks)``: through the trunk cache when
-        enabled, else through the whole model (then the list holds every block's output)."""
+        enabled, else through the whole model (see :meth:`full_forward`)."""
         if self.lm_spec.model is None:
             raise RuntimeError("SplitCausalLM.build() was not called (recipes call it in configure_model)")
         if not self.cache_trunk:
@@ -150,9 +178,12 @@ class SplitCausalLM(nn.Module):
     def full_forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Every block from the embeddings, no cache (for attacks that change the trunk)."""
-        h, hidden = self._run(self.lm.model.embed_tokens(input_ids), self.lm.model.layers)
-        return h, hidden[self.start :]
+        """Every block from the embeddings, no cache (for attacks that change the trunk). The list holds the trained
+        blocks' outputs, and the embeddings' output first when every weight is trained (Hugging Face's
+        ``hidden_states``)."""
+        emb = self.lm.model.embed_tokens(input_ids)
+        h, hidden = self._run(emb, self.lm.model.layers)
+        return h, ([emb, *hidden] if self.trainable_layers is None else hidden[self.start :])
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Next-token logits of (selected) final hidden states."""

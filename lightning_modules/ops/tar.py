@@ -65,6 +65,7 @@ def representation_distance(
     hidden: list[torch.Tensor] | tuple[torch.Tensor, ...],
     reference: list[torch.Tensor] | tuple[torch.Tensor, ...],
     mask: torch.Tensor | None = None,
+    num_states: int | None = None,
 ) -> torch.Tensor:
     """``mean_layers mean_tokens ||h - h_ref||_2`` (TAR's ``retain_representations`` term, not squared).
 
@@ -72,6 +73,10 @@ def representation_distance(
         hidden: per-layer hidden states ``[B, T, d]`` of the trained model.
         reference: the same layers of the frozen reference model (no gradient flows into them).
         mask: ``[B, T]`` real tokens (``None``: every position, as the official code).
+        num_states: the number of hidden states the mean runs over, when ``hidden`` holds only the trained ones of
+            more (``None``: ``len(hidden)``). The official mean runs over every hidden state, the embeddings' included
+            (``output_hidden_states=True``); a frozen layer's distance to the reference is exactly 0, so that mean
+            is the sum over the trained layers divided by ``num_states``.
     """
     if len(hidden) != len(reference) or not hidden:
         raise ValueError(f"{len(hidden)} hidden-state layers vs {len(reference)} reference layers")
@@ -82,11 +87,22 @@ def representation_distance(
         dist = (h.float() - r.detach().float()).norm(dim=-1)
         _check_mask(mask, dist.shape)
         per_layer.append(dist.mean() if mask is None else (dist * mask).sum() / mask.sum().clamp_min(1))
-    return torch.stack(per_layer).mean()
+    return _layer_mean(per_layer, num_states)
+
+
+def _layer_mean(per_layer: list[torch.Tensor], num_states: int | None) -> torch.Tensor:
+    if num_states is None:
+        return torch.stack(per_layer).mean()
+    if num_states < len(per_layer):
+        raise ValueError(f"num_states={num_states} < the {len(per_layer)} layers given")
+    return torch.stack(per_layer).sum() / num_states
 
 
 def random_mapping_loss(
-    hidden: list[torch.Tensor] | tuple[torch.Tensor, ...], targets: torch.Tensor, mask: torch.Tensor | None = None
+    hidden: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    targets: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    num_states: int | None = None,
 ) -> torch.Tensor:
     """Random Mapping (TAR's initial safeguard): ``mean_layers mean_tokens (1 - |cos(h, H[token])|)``.
 
@@ -94,6 +110,9 @@ def random_mapping_loss(
         hidden: per-layer hidden states ``[B, T, d]`` on forget data.
         targets: ``[B, T, d]`` the fixed random vector of each token (``H[input_ids]``).
         mask: ``[B, T]`` positions that count (``None``: all, as the official code).
+        num_states: divide the sum over ``hidden`` by this many hidden states (``None``: ``len(hidden)``). The
+            official loss averages over every hidden state (``outputs.hidden_states``, embeddings included); the
+            frozen ones add a constant, so the gradient of that mean is this one's exactly.
     """
     if not hidden:
         raise ValueError("random_mapping_loss needs at least one layer of hidden states")
@@ -104,4 +123,4 @@ def random_mapping_loss(
         loss = 1 - torch.cosine_similarity(h.float(), targets.float(), dim=-1).abs()
         _check_mask(mask, loss.shape)
         per_layer.append(loss.mean() if mask is None else (loss * mask).sum() / mask.sum().clamp_min(1))
-    return torch.stack(per_layer).mean()
+    return _layer_mean(per_layer, num_states)

@@ -1,5 +1,19 @@
-"""``python -m recipes.reproduce tar``: TAR against no safeguard, gradient-ascent unlearning and Random Mapping, each
-followed by the whole tampering-attack harness (Tamirisa et al., ICLR 2025, arXiv 2408.00761, Table 1 in spirit).
+"""``python -m recipes.reproduce tar``: TAR against no safeguard, gradient-ascent unlearning, Random Mapping and the
+floor control (the trained blocks randomly re-initialised), each followed by the whole tampering-attack harness
+(Tamirisa et al., ICLR 2025, arXiv 2408.00761, Table 1 in spirit), plus the ablations that locate where tamper
+resistance is lost.
+
+The design (issue 28): SmolLM2-135M with its top 12 of 30 blocks trained and attacked, a retain corpus unrelated to
+the forget facts (Rotten Tomatoes snippets; the language/currency facts are the retain evaluation only), the official
+Random-Mapping warm start (schedule-free AdamW, lr 2e-5, 750 steps of 16 sentences, every hidden state), and TAR as
+official (schedule-free AdamW lr 2e-5 with 32 warm-up steps, 750 outer steps, TR entropy over every token, one
+adversary per outer step drawn as data type x learning rate) except K = 24 inner steps (official 64), with training
+adversaries that span the harness's optimizers and learning rates. Ablations, each from the same Random Mapping
+artifact: the TR entropy and the adversaries' loss over answer tokens only (``ablation/answer_tokens``), no
+representation term (``ablation/no_representation``), the weak adversaries of the first reproduction
+(``ablation/weak_adversaries``), and floor, Random Mapping and TAR at the first reproduction's depth, the top 4 blocks
+(``top4/...``). ``--only none floor gradient_ascent random_mapping tar`` runs the main comparison alone,
+``--only ablation`` or ``--only top4`` the rest (the ablations read the ``random_mapping`` stage's artifact).
 
 Besides the summary table (``docs/results/tar.md``), the plot step writes every attack's row per safeguard to
 ``docs/results/tar-attacks.md`` and a bar chart of forget accuracy after each attack to ``docs/results/tar.png``.
@@ -14,23 +28,30 @@ from pathlib import Path
 from foundation.artifacts import atomic_write_text
 from recipes.reproduce import COMPARISONS, Comparison, Stage
 
-GROUP = "SmolLM2-135M, forget: capitals, retain: language + currency (top 4 blocks)"
-SAFEGUARDS = {"none": "no safeguard", "gradient_ascent": "gradient ascent", "random_mapping": "Random Mapping",
-              "tar": "TAR (from Random Mapping)", "rm_strong": "Random Mapping, lr 1e-3, weight 10",
-              "tar_strong": "TAR (from the stronger RM)", "tar_long": "TAR, 200 outer steps, K = 16, strong adversaries",
-              "tar_long_norep": "the same TAR without the representation term"}  # fmt: skip
-STRONG_RM = ["--model.init_args.optimizer.init_args.lr=1e-3", "--model.init_args.mapping_weight=10"]
-# A longer TAR run whose training adversaries span the harness's learning-rate range (1e-4 to 1e-3, AdamW and SGD,
-# retain-then-forget); K = 16 inner steps with TR every 4 (4 evaluations, as the official subsample), 200 outer steps.
-LONG_ADVERSARIES = (
-    "[{name: adamw_lr1e-4, optimizer: adamw, lr: 1.0e-4, steps: 16},"
-    " {name: adamw_lr3e-4, optimizer: adamw, lr: 3.0e-4, steps: 16},"
-    " {name: adamw_lr1e-3, optimizer: adamw, lr: 1.0e-3, steps: 16},"
-    " {name: sgd_lr1e-2, optimizer: sgd, lr: 1.0e-2, steps: 16},"
-    " {name: switch_lr3e-4, optimizer: adamw, lr: 3.0e-4, steps: 16, data: retain_then_forget}]"
-)
-LONG_TAR = ["--trainer.max_steps=200", "--trainer.val_check_interval=200", "--model.init_args.tr_every=4",
-            f"--model.init_args.adversaries={LONG_ADVERSARIES}"]
+GROUP = "SmolLM2-135M, forget: capitals, retain corpus: Rotten Tomatoes, top 12 of 30 blocks trained and attacked"
+GROUP_TOP4 = "the same, top 4 blocks (the first reproduction's depth)"
+SAFEGUARDS = {"none": "no safeguard", "floor": "floor: trained blocks re-initialised (no training)",
+              "gradient_ascent": "gradient ascent", "random_mapping": "Random Mapping (official warm start)",
+              "tar": "TAR (from Random Mapping; official but K = 24)",
+              "ablation/answer_tokens": "TAR, TR entropy and adversary loss on answer tokens only",
+              "ablation/no_representation": "TAR without the representation term",
+              "ablation/weak_adversaries": "TAR against the first design's adversaries (AdamW 3e-5 / 1e-4, K = 8)",
+              "top4/floor": "floor, top 4 blocks", "top4/random_mapping": "Random Mapping, top 4 blocks",
+              "top4/tar": "TAR, top 4 blocks"}  # fmt: skip
+SEED = "--data.init_args.seed={seed}"
+FROM_RM = "--model.init_args.init_from={artifact:random_mapping}"
+# the training adversaries of smollm2_tar.yaml with answer-token losses (the space must be given whole: a partial
+# override of one field would replace the others by their defaults)
+ANSWER_SPACE = ("--model.init_args.adversary_space={learning_rates: {adamw: [1.0e-5, 1.0e-4, 1.0e-3], adam: [3.0e-4],"
+                " sgd: [1.0e-2]}, data: {forget: 2.0, retain_then_forget: 1.0}, steps: 24, batch_size: 8,"
+                " completion_only: true}")  # fmt: skip
+# the first reproduction's training adversaries (K = 8, AdamW 3e-5 / 1e-4), with the design's every-token loss
+WEAK = ["--model.init_args.adversary_space=null",
+        "--model.init_args.adversaries=[{name: adamw_lr3e-5, optimizer: adamw, lr: 3.0e-5, steps: 8,"
+        " completion_only: false}, {name: adamw_lr1e-4, optimizer: adamw, lr: 1.0e-4, steps: 8,"
+        " completion_only: false}, {name: switch_lr1e-4, optimizer: adamw, lr: 1.0e-4, steps: 8,"
+        " data: retain_then_forget, completion_only: false}]"]  # fmt: skip
+TOP4 = "--model.init_args.model.init_args.trainable_layers=4"
 
 
 def _attack_rows(runs: list[dict]) -> dict[str, dict[str, float]]:
@@ -52,20 +73,21 @@ def tar_report(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     from callbacks.round_curves import save_figure
 
-    per = {key: _attack_rows(results.get(key, [])) for key in SAFEGUARDS}
+    keys = [k for k in SAFEGUARDS if results.get(k)]
+    per = {key: _attack_rows(results.get(key, [])) for key in keys}
     attacks = list(dict.fromkeys(a for rows in per.values() for a in rows))
-    head = "| attack | " + " | ".join(f"{SAFEGUARDS[k]}: forget / retain (%)" for k in SAFEGUARDS) + " |"
-    lines = [head, "|---|" + "---|" * len(SAFEGUARDS)]
+    head = "| attack | " + " | ".join(f"{SAFEGUARDS[k]}: forget / retain (%)" for k in keys) + " |"
+    lines = [head, "|---|" + "---|" * len(keys)]
 
-    def cell(key: str, metrics: dict | None) -> str:
+    def cell(metrics: dict | None) -> str:
         return "—" if not metrics else f"{100 * metrics['forget_acc']:.1f} / {100 * metrics['retain_acc']:.1f}"
 
     before = {k: {"forget_acc": statistics.fmean(r["metrics"]["test/forget_acc"] for r in results[k]),
                   "retain_acc": statistics.fmean(r["metrics"]["test/retain_acc"] for r in results[k])}
-              for k in SAFEGUARDS if results.get(k)}  # fmt: skip
-    lines.append("| before attack | " + " | ".join(cell(k, before.get(k)) for k in SAFEGUARDS) + " |")
+              for k in keys}  # fmt: skip
+    lines.append("| before attack | " + " | ".join(cell(before.get(k)) for k in keys) + " |")
     for a in attacks:
-        lines.append(f"| {a} | " + " | ".join(cell(k, per[k].get(a)) for k in SAFEGUARDS) + " |")
+        lines.append(f"| {a} | " + " | ".join(cell(per[k].get(a)) for k in keys) + " |")
     settings = {}
     for runs in results.values():
         for run in runs:
@@ -73,51 +95,50 @@ def tar_report(results: dict, path: Path) -> None:
             if tamper.exists():
                 settings.update({r["attack"]: r["settings"] for r in json.loads(tamper.read_text())})
     doc = "# TAR: forget / retain accuracy after every attack of the harness\n\n" + "\n".join(lines)
-    doc += "\n\nChance is 25% (4 options). Attack settings:\n\n```\n" + json.dumps(settings, indent=1) + "\n```\n"
+    doc += ("\n\nChance is 25% (4 options). The floor rows are the trained blocks re-initialised and attacked: no "
+            "safeguard of the same span can be expected to end below them. Attack settings:\n\n```\n"
+            + json.dumps(settings, indent=1) + "\n```\n")  # fmt: skip
     atomic_write_text(path.with_name(path.stem + "-attacks.md"), doc)
 
-    fig, ax = plt.subplots(figsize=(11, 5))
-    width = 0.8 / len(SAFEGUARDS)
+    fig, ax = plt.subplots(figsize=(12, 5))
+    width = 0.8 / max(len(keys), 1)
     labels = ["before", *attacks]
-    for j, key in enumerate(SAFEGUARDS):
+    for j, key in enumerate(keys):
         vals = [100 * (before.get(key, {}).get("forget_acc", float("nan")))]
         vals += [100 * per[key].get(a, {}).get("forget_acc", float("nan")) for a in attacks]
         ax.bar([i + j * width for i in range(len(labels))], vals, width, label=SAFEGUARDS[key])
     ax.axhline(25, color="k", ls="--", lw=1, label="chance")
-    ax.set_xticks([i + width * (len(SAFEGUARDS) - 1) / 2 for i in range(len(labels))], labels, rotation=25,
+    ax.set_xticks([i + width * (len(keys) - 1) / 2 for i in range(len(labels))], labels, rotation=25,
                   ha="right", fontsize=7)  # fmt: skip
     ax.set_ylabel("forget accuracy (%)")
     ax.set_ylim(0, 105)
-    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.3))  # below the axes, off the bars
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.3))  # below the axes, off the bars
     ax.set_title("Forget (capital) MCQ accuracy before and after each tampering attack", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
 
 
+def _stage(key: str, config: str, *overrides: str, group: str = GROUP) -> Stage:
+    return Stage(key, f"tar/{config}.yaml", [SEED, *overrides], group, SAFEGUARDS[key])
+
+
 COMPARISONS["tar"] = Comparison(
-    title="Tamper-resistant unlearning of country capitals in SmolLM2-135M: TAR vs baselines under 8 attacks",
+    title="Tamper-resistant unlearning of country capitals in SmolLM2-135M: TAR vs baselines and the floor, 8 attacks",
     stages=[
-        Stage("none", "tar/smollm2_none.yaml", ["--data.init_args.seed={seed}"], GROUP, SAFEGUARDS["none"]),
-        Stage("gradient_ascent", "tar/smollm2_gradient_ascent.yaml", ["--data.init_args.seed={seed}"], GROUP,
-              SAFEGUARDS["gradient_ascent"]),
-        Stage("random_mapping", "tar/smollm2_random_mapping.yaml", ["--data.init_args.seed={seed}"], GROUP,
-              SAFEGUARDS["random_mapping"]),
-        Stage("tar", "tar/smollm2_tar.yaml",
-              ["--data.init_args.seed={seed}", "--model.init_args.init_from={artifact:random_mapping}"], GROUP,
-              SAFEGUARDS["tar"]),
-        # a stronger Random Mapping (the config's lr 1e-4 left the mapping loss at its start), and TAR from it
-        Stage("rm_strong", "tar/smollm2_random_mapping.yaml",
-              ["--data.init_args.seed={seed}", *STRONG_RM], GROUP, SAFEGUARDS["rm_strong"]),
-        Stage("tar_strong", "tar/smollm2_tar.yaml",
-              ["--data.init_args.seed={seed}", "--model.init_args.init_from={artifact:rm_strong}"], GROUP,
-              SAFEGUARDS["tar_strong"]),
-        Stage("tar_long", "tar/smollm2_tar.yaml",
-              ["--data.init_args.seed={seed}", "--model.init_args.init_from={artifact:rm_strong}", *LONG_TAR], GROUP,
-              SAFEGUARDS["tar_long"]),
-        # ablation: the representation term pulls the retain features back to the undefended model's
-        Stage("tar_long_norep", "tar/smollm2_tar.yaml",
-              ["--data.init_args.seed={seed}", "--model.init_args.init_from={artifact:rm_strong}", *LONG_TAR,
-               "--model.init_args.representation_weight=0"], GROUP, SAFEGUARDS["tar_long_norep"]),
+        _stage("none", "smollm2_none"),
+        _stage("floor", "smollm2_floor"),
+        _stage("gradient_ascent", "smollm2_gradient_ascent"),
+        _stage("random_mapping", "smollm2_random_mapping"),
+        _stage("tar", "smollm2_tar", FROM_RM),
+        # ablations: where is tamper resistance lost? (each from the same Random Mapping artifact)
+        _stage("ablation/answer_tokens", "smollm2_tar", FROM_RM, "--model.init_args.tr_tokens=answer", ANSWER_SPACE),
+        _stage("ablation/no_representation", "smollm2_tar", FROM_RM, "--model.init_args.representation_weight=0"),
+        _stage("ablation/weak_adversaries", "smollm2_tar", FROM_RM, *WEAK),
+        # the first reproduction's depth: a floor that one attack already lifts to ~50%
+        _stage("top4/floor", "smollm2_floor", TOP4, group=GROUP_TOP4),
+        _stage("top4/random_mapping", "smollm2_random_mapping", TOP4, group=GROUP_TOP4),
+        _stage("top4/tar", "smollm2_tar", TOP4, "--model.init_args.init_from={artifact:top4/random_mapping}",
+               group=GROUP_TOP4),
     ],
     columns={"test/forget_acc": "forget acc before (%)", "test/retain_acc": "retain acc before (%)",
              "tamper/mean_forget_acc": "forget acc after, mean over attacks (%)",
@@ -125,12 +146,16 @@ COMPARISONS["tar"] = Comparison(
              "tamper/mean_retain_acc": "retain acc after, mean (%)"},
     seeds=(0, 1),
     notes="Forget: 40 cloze multiple-choice questions (4 options, chance 25%) on the capitals of the 40 most populous "
-    "countries; retain: 60 questions on official languages and currencies. The defender trains on the capitals of 60 "
-    "other countries (TAR's held-out TR set: 30 more); every attack fine-tunes a fresh copy on the capitals of 40 "
-    "further countries (answer tokens), so no evaluated fact is ever trained on. Only the top 4 of 30 blocks are "
-    "trained and attacked (configs/tar/attacks/all_layers.yaml, an attacker of every weight, was not run for lack of CPU time). rm_strong: Random Mapping with lr 1e-3 and mapping weight 10 (the config: 1e-4, 1). The TAR rows run 30 outer steps with K = 8 against "
-    "AdamW adversaries at lr 3e-5/1e-4 (the config), or 200 outer steps with K = 16 (TR every 4) against AdamW at "
-    "lr 1e-4/3e-4/1e-3, SGD at 1e-2 and a retain-then-forget AdamW at 3e-4 (LONG_ADVERSARIES), with and without the "
-    "representation term. Every attack's row: tar-attacks.md.",
+    "countries; retain: 60 questions on official languages and currencies, never trained on (the retain corpus is "
+    "2,000 Rotten Tomatoes snippets). The defender trains on the capitals of 60 other countries (TAR's held-out TR "
+    "set: 30 more); every attack fine-tunes a fresh copy on the capitals of 40 further countries (answer tokens), so "
+    "no evaluated fact is ever trained on. The top 12 of 30 blocks (+ final norm) are trained and attacked; the floor "
+    "re-initialises exactly those and trains nothing. Random Mapping: schedule-free AdamW lr 2e-5 (50 warm-up steps), "
+    "750 steps of 16 sentences, every hidden state (official settings). TAR: 750 outer steps, schedule-free AdamW lr "
+    "2e-5 (32 warm-up steps), K = 24 (official 64), TR every 4, lambda 0.0625, TR scale 4, representation term, "
+    "entropy over every token; one adversary per outer step: forget (2/3) or retain-then-forget (1/3) x AdamW "
+    "1e-5 / 1e-4 / 1e-3, Adam 3e-4 or SGD 1e-2, every token of the sentence in its loss, batch 8. Ablations start from "
+    "the same Random Mapping; top4/* repeat floor, Random Mapping and TAR with the top 4 blocks. Every attack's row: "
+    "tar-attacks.md.",
     plot=tar_report,
 )
