@@ -330,3 +330,28 @@ def test_feature_shift_groups_see_their_shift_on_train_and_own_test_and_the_glob
     assert shifted.describe()["federated"]["shifts"] == ["none", "rot90", "invert"]
     with pytest.raises(ValueError, match="unknown shifts \\['blur'\\]"):
         FeatureShiftFederatedDataModule(shifts=["none", "blur"], **args)
+
+
+def test_paired_table_gives_fedselects_paired_difference_its_standard_error_and_client_counts():
+    """Per seed FedSelect − method, mean ± standard error over seeds (hand-computed); clients counted where both
+    rows are scored after local training; a row scored after broadcast (FedAvg + FT) gets no client count."""
+    from recipes.comparisons.fedselect import paired_table
+
+    def run(seed, local, broadcast, clients, configured=None):
+        m = {"test/pacc_local": local, "test/pacc_broadcast": broadcast,
+             "test/pacc": local if configured is None else configured}  # fmt: skip
+        m.update({f"test/pacc_client{i}": a for i, a in enumerate(clients)})
+        return {"seed": seed, "metrics": m}
+
+    results = {
+        "mnist/fedselect": [run(0, 0.90, 0.80, [0.9, 0.8]), run(1, 0.94, 0.90, [1.0, 0.9])],
+        "mnist/local": [run(0, 0.88, 0.88, [0.8, 0.8]), run(1, 0.90, 0.90, [1.0, 1.0])],
+        "mnist/fedavg_ft": [run(0, 0.95, 0.85, [0.9, 0.9], configured=0.85)],
+    }
+    rows = {tuple(c.strip() for c in line.split("|")[1:4]): line for line in paired_table(results).splitlines()}
+    local = rows[("MNIST", "after local training (official)", "Local only (control)")]
+    # differences 2 and 4 pp: mean 3.0, standard error stdev([2, 4]) / sqrt(2) = 1.414 / 1.414 = 1.0
+    assert "| 89.0 ± 1.0 | 3.0 ± 1.0 | 1 / 1 |" in local  # client 0 up in seed 0, client 1 down in seed 1
+    assert "| 84.0 ± 6.0 | 0.0 ± 2.0 |" in rows[("MNIST", "after broadcast", "Local only (control)")]
+    ft = rows[("MNIST", "after local training (official)", "FedAvg + FT")]
+    assert "| 1 | 95.0 ± nan | -5.0 ± nan | – |" in ft
