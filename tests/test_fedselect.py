@@ -352,6 +352,6 @@ def test_paired_table_gives_fedselects_paired_difference_its_standard_error_and_
     local = rows[("MNIST", "after local training (official)", "Local only (control)")]
     # differences 2 and 4 pp: mean 3.0, standard error stdev([2, 4]) / sqrt(2) = 1.414 / 1.414 = 1.0
     assert "| 89.0 ± 1.0 | 3.0 ± 1.0 | 1 / 1 |" in local  # client 0 up in seed 0, client 1 down in seed 1
-    assert "| 84.0 ± 6.0 | 0.0 ± 2.0 |" in rows[("MNIST", "after broadcast", "Local only (control)")]
+    assert "| 89.0 ± 1.0 | -4.0 ± 4.0 | – |" in rows[("MNIST", "after broadcast", "Local only (control)")]
     ft = rows[("MNIST", "after local training (official)", "FedAvg + FT")]
     assert "| 1 | 95.0 ± nan | -5.0 ± nan | – |" in ft
