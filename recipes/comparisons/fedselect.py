@@ -20,7 +20,10 @@ METHODS = {"local": "Local only (control)", "fedavg": "FedAvg", "fedavg_ft": "Fe
 # ablation: Fashion-MNIST at 2 passes a round (FedSelect 1 LocalAlt alternation, Ditto 1 + 1 epochs, the others 2),
 # issue 6's budget, which leaves each client's local training far from converged
 GROUPS = {"mnist": ("MNIST", "mnist"), "fashion-mnist": ("Fashion-MNIST", "fashion-mnist"),
-          "fashion-mnist-2pass": ("Fashion-MNIST, 2 passes a round (budget ablation)", "fashion-mnist")}  # fmt: skip
+          "fashion-mnist-2pass": ("Fashion-MNIST, 2 passes a round (budget ablation)", "fashion-mnist"),
+          "fashion-mnist-25img": ("Fashion-MNIST, 25 training images per client (data ablation)", "fashion-mnist")}  # fmt: skip
+# the data ablation: 125 images per client of which 100 stay its test split, so each client trains on 25
+SCARCE = ["--data.init_args.train_size=2500", "--data.init_args.client_test_fraction=0.8"]
 LOCAL = "--model.init_args.local.init_args.local_epochs"
 TWO_PASSES = {"fedselect": [f"{LOCAL}=1"], "ditto": [f"{LOCAL}=1", "--model.init_args.personal_epochs=1"]}
 
@@ -29,7 +32,8 @@ def _stages() -> list[Stage]:
     return [
         Stage(f"{key}/{method}", f"fedselect/mnist_{method}.yaml",
               [f"--data.init_args.dataset={dataset}", "--data.init_args.seed={seed}",
-               *(TWO_PASSES.get(method, [f"{LOCAL}=2"]) if key.endswith("2pass") else [])],
+               *(TWO_PASSES.get(method, [f"{LOCAL}=2"]) if key.endswith("2pass") else []),
+               *(SCARCE if key.endswith("25img") else [])],
               f"{name}, 20 clients, 3 shards, 4 shift groups", label)
         for key, (name, dataset) in GROUPS.items() for method, label in METHODS.items()
     ]  # fmt: skip
