@@ -49,6 +49,17 @@ class FedSelect(PersonalizedFedAvg):
 
     The arguments of :class:`~lightning_modules.pfl.PersonalizedFedAvg` pass through (``local.local_epochs`` =
     LocalAlt alternations).
+
+    Official code (``lapisrocks/fedselect@0949f8a``), matched by ``configs/fedselect/``:
+
+    - the budget, ``utils/options.py``: ``"--la_epochs", type=int, default=15, help="rounds of training for local
+      alt optimization"``, used in ``fedselect.py:80-86``: ``epochs = args.la_epochs`` / ``for i in
+      range(epochs):`` / ``train_loss = local_alt(`` (one personal and one shared pass each);
+    - the knobs, ``utils/options.py``: ``"--lth_epoch_iters", default=3``, ``"--prune_percent", default=25``,
+      ``"--prune_target", default=80``, ``"--shard_per_user", type=int, default=2``;
+    - the evaluation (``eval_model: local``), ``fedselect.py``: ``cross_client_acc = cross_client_eval(`` runs
+      after local training and before ``# Server broadcasts non lottery ticket parameters u_i to every device``,
+      which is skipped in the last round (``if round_num < com_rounds - 1:``).
     """
 
     def __init__(
