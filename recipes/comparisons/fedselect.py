@@ -139,6 +139,8 @@ COMPARISONS["fedselect"] = Comparison(
     "fine-tuning before scoring. Local only: every parameter personal (the control a PFL method must beat). "
     "Official score: each client's model right after its local training, on its own test split (FedAvg + FT: the "
     "fine-tuned model); after broadcast: its personal entries with the server's new shared ones. Spread and worst "
-    "client refer to the row's configured score (official; FedAvg + FT: after broadcast + FT). The table's ± is the "
+    "client refer to the row's configured score (official; FedAvg + FT: after broadcast + FT). Ablations on "
+    "Fashion-MNIST: '2 passes a round' (FedSelect 1 alternation, Ditto 1 + 1 epochs, the others 2 epochs) and '25 "
+    "training images per client' (125 images each, 100 of them its test split). The table's ± is the "
     "std over seeds; fedselect-paired.md gives FedSelect's paired differences (mean ± standard error over seeds).",
 )
