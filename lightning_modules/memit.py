@@ -34,15 +34,25 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_modules import editing_stats as S
 from lightning_modules.editing import EditingRecipe
 from lightning_modules.nets.causal_lm import CausalLM
 from lightning_modules.ops import editing as E
+
+
+def _cache_kw(base) -> str:
+    """The KV-cache keyword of ``base.forward``: ``cache`` from transformers 5.24 on (``past_key_values`` is then a
+    deprecated alias that logs a warning), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _hidden(out):
@@ -165,7 +175,12 @@ class MEMIT(EditingRecipe):
         # requests with similar suffix lengths share a batch (less padding); results in the input order
         length = [len(self.net.encode_target(r.text, r.target_new)) - len(self.net.encode(r.subject)) for r in records]
         order = sorted(range(len(records)), key=lambda i: length[i])
-        outs = [self._optimize([records[i] for i in order[j : j + bs]]) for j in range(0, len(records), bs)]
+        outs, start = [], time.perf_counter()
+        for j in range(0, len(records), bs):
+            outs.append(self._optimize([records[i] for i in order[j : j + bs]]))
+            done = min(j + bs, len(records))
+            rank_zero_info(f"target vectors: {done}/{len(records)} requests | {time.perf_counter() - start:.0f} s | "
+                           f"mean target NLL of the batch {outs[-1][2].mean().item():.3f}")
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
         return tuple(torch.cat(x)[inverse.to(x[0].device)] for x in zip(*outs))
@@ -192,11 +207,12 @@ class MEMIT(EditingRecipe):
             tgt[j, :k], tmask[j, :k] = torch.tensor(s["tgt"], dtype=torch.long), 1
         tpos, tgt, tmask, req_d, is_kl = (x.to(self.device) for x in (tpos, tgt, tmask, req, is_kl))
         base, emb = self.lm.base_model, self.lm.get_output_embeddings()
-        cache = None
+        cache, cache_kw = None, _cache_kw(base)
         if pre_ids.shape[1]:
             with torch.no_grad(), self._autocast():
-                cache = base(input_ids=pre_ids, attention_mask=pre_mask, position_ids=(pre_mask.cumsum(1) - 1).clamp_min(0),
-                             use_cache=True).past_key_values
+                out = base(input_ids=pre_ids, attention_mask=pre_mask, position_ids=(pre_mask.cumsum(1) - 1).clamp_min(0),
+                           use_cache=True)
+                cache = out.cache if cache_kw == "cache" else out.past_key_values
         d = self.lm.config.hidden_size
         delta = torch.zeros(n, d, device=self.device, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -221,7 +237,8 @@ class MEMIT(EditingRecipe):
             step_cache = copy.deepcopy(active_cache) if active_cache is not None else None
             with S.hooks(self.lm, {layer_l: add_delta}), self._autocast():
                 h = base(input_ids=suf_ids[rows], attention_mask=torch.cat([pre_mask[rows], suf_mask[rows]], 1),
-                         position_ids=suf_pos[rows], past_key_values=step_cache, use_cache=step_cache is not None).last_hidden_state
+                         position_ids=suf_pos[rows], use_cache=step_cache is not None,
+                         **{cache_kw: step_cache}).last_hidden_state
             state["first"] = True
             r_req, r_kl = req_d[rows], is_kl[rows]
             rw = ~r_kl

@@ -27,7 +27,7 @@ KNOWN_WARNINGS: tuple[str, ...] = (
     # The reproduction runner and the tests call the CLI from Python with args=[...] on purpose.
     r".*args parameter is intended to run from within Python.*",
     # Frozen sub-modules (teachers, reference models) are kept in eval mode on purpose.
-    r".*modules? in eval mode.*",
+    r".*module(s|\(s\))? in eval mode.*",
     # jsonargparse fills peft.LoraConfig's LoftQ default, which peft then reports as ignored.
     r".*loftq_config. specified but will be ignored.*",
 )

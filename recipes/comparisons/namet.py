@@ -110,7 +110,8 @@ def namet_plot(results: dict, path: Path) -> None:
 
 COMPARISONS["namet"] = Comparison(
     title="Mass editing of SmolLM2-135M: MEMIT vs NAMET, matched (only NAMET's change differs), λ swept",
-    stages=[*_stages(100, cpu=True), *_extra_stages(100, cpu=True), *_stages(300), *_extra_stages(300), *_stages(1000)],
+    stages=[*_stages(100, cpu=True), *_extra_stages(100, cpu=True), *_stages(300, cpu=True), *_stages(1000, cpu=True),
+            *_stages(300), *_extra_stages(300), *_stages(1000)],
     columns={
         "test/efficacy_strict": "ES strict", "test/efficacy_strict_se": "± se", "test/efficacy": "ES",
         "test/paraphrase_strict": "PS strict", "test/neighborhood_strict": "NS strict",
