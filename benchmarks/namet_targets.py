@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 delta, _, _ = m.compute_targets(records)
             times[name].append(time.perf_counter() - start)
             out[name] = delta
+            print(f"repeat {rep + 1}/{args.repeats}: {name} {times[name][-1]:.0f} s", flush=True)
     diffs = relative_diffs(out)
     dtype = m.hparams.compute_dtype
     if dtype == "float32":
