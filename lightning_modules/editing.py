@@ -29,6 +29,7 @@ from lightning_modules.base import BaseRecipe
 from lightning_modules.editing_eval import EditMetrics
 from lightning_modules.ops import editing as E
 from foundation import assets
+from foundation.artifacts import atomic_write_text
 
 # hyper-parameters the target-vector optimisation reads (the cache key); the update's λ is not among them
 TARGET_HPARAMS = ("layer_module_tmp", "v_lr", "v_num_grad_steps", "v_weight_decay", "clamp_norm_factor", "kl_factor",
@@ -257,10 +258,21 @@ class EditingRecipe(BaseRecipe):
         self._fluency_prompts = []
         for name, value in metrics.compute().items():
             self.log(f"{split}/{name}", value)
+        self._write_per_record(split, metrics.last_per_record)
         if "z_seconds" in self.timings:  # wall time of the edits (target vectors + closed-form updates)
             self.log(f"{split}/edit_seconds", self.timings["z_seconds"] + self.timings["update_seconds"])
         for name, value in getattr(self, "edit_summary", {}).items():  # the last edit batch's diagnostics
             self.log(f"{split}/{name}", value)
+
+    def _write_per_record(self, split: str, values: dict[str, list]) -> None:
+        """``<log_dir>/per_record_<split>[_rank<k>].json``: every record's metrics with its ``case_id``, so that two
+        methods evaluated on the same records can be compared pairwise (``recipes/comparisons/namet.py``)."""
+        log_dir = self.trainer.log_dir if self._trainer is not None else None
+        if not values or not log_dir:
+            return
+        rank = f"_rank{self.global_rank}" if self.trainer.world_size > 1 else ""
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(log_dir) / f"per_record_{split}{rank}.json", json.dumps(values))
 
     def validation_step(self, batch: list, batch_idx: int) -> None:
         self._evaluate("val", batch)

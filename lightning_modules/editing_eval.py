@@ -43,6 +43,8 @@ class EditMetrics(nn.Module):
         super().__init__()
         self.means = nn.ModuleDict({name: MeanMetric() for name in NAMES})
         self.per_record: dict[str, list[float]] = {}  # this process's per-record values (standard errors)
+        self.case_ids: list[int] = []  # the records of per_record, in order
+        self.last_per_record: dict[str, list] = {}  # per_record and case_id of the last compute() (paired tables)
         self.records = 0
 
     @staticmethod
@@ -86,6 +88,7 @@ class EditMetrics(nn.Module):
                 self.per_record.setdefault(strict_name(name), []).append(hard)
                 if name == "efficacy":
                     self.means["acc"].update(torch.tensor(hard))
+        self.case_ids += [int(r.case_id) for r in records]
         self.records += len(records)
 
     def update_fluency(self, texts: list[str]) -> None:
@@ -100,7 +103,8 @@ class EditMetrics(nn.Module):
         for name, vals in self.per_record.items():
             if len(vals) > 1:
                 values[f"{name}_se"] = statistics.stdev(vals) / math.sqrt(len(vals))
-        self.per_record = {}
+        self.last_per_record = {"case_id": self.case_ids, **self.per_record} if self.case_ids else {}
+        self.per_record, self.case_ids = {}, []
         for suffix in ("", "_strict"):
             parts = [values.get(f"{m}{suffix}") for m in ("efficacy", "paraphrase", "neighborhood")]
             if all(v is not None for v in parts):

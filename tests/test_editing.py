@@ -251,6 +251,51 @@ def test_namet_comparison_runs_on_the_tiny_twins(tmp_path):
     assert edit_time[0] == "—" and all(float(t) > 0 for t in edit_time[1:])
     import json
 
-    x2 = json.loads((tmp_path / "runs" / "n300" / "memit" / "x2" / "seed0" / "result.json").read_text())
+    from pathlib import Path
+
+    x2 = json.loads((tmp_path / "runs" / "namet" / "n300" / "memit" / "x2" / "seed0" / "result.json").read_text())
     assert x2["metrics"]["test/z_cached"] == 1.0  # the λ x2 stage re-used the x1 stage's target vectors
     assert 0 < x2["metrics"]["test/delta_over_clamp"] <= 1.0 + 1e-4
+    per = json.loads((Path(x2["log_dir"]) / "per_record_test.json").read_text())
+    assert len(per["case_id"]) == len(per["efficacy_strict"]) == int(x2["metrics"]["test/records"])
+    (paired_md,) = (tmp_path / "docs").glob("*-paired.md")
+    paired = paired_md.read_text().splitlines()
+    assert [line.split(" | ")[1] for line in paired[2:]] == ["1"]  # only x1 has both methods
+
+
+def test_edit_metrics_keep_each_records_values_with_its_case_id():
+    """The per-record values behind the standard errors are kept with their case ids (paired tables)."""
+    import torch
+
+    from datamodules.facts import EditRecord
+    from lightning_modules.editing_eval import EditMetrics
+
+    recs = [EditRecord(case_id=c, subject="S", prompt="{} is in", target_true="A", target_new="B",
+                       neighborhood=[("T is in", "A")]) for c in (7, 3)]
+
+    def score(prompts, targets):  # record 7: new target preferred and greedy; record 3: neither
+        nll = torch.tensor([1.0, 2.0, 1.0, 2.0, 2.0, 1.0, 2.0, 1.0])
+        strict = torch.tensor([True, False, True, False, False, False, False, True])
+        return nll, strict
+
+    m = EditMetrics()
+    m.update(recs, score, prefixes=[])
+    values = m.compute()
+    per = m.last_per_record
+    assert per["case_id"] == [7, 3]
+    assert per["efficacy_strict"] == [1.0, 0.0] and per["efficacy"] == [1.0, 0.0]
+    # neighbourhood wants the true target: record 7's neighbour prefers the new one (loose 0), strict: true not greedy
+    assert per["neighborhood"] == [0.0, 1.0] and per["neighborhood_strict"] == [0.0, 1.0]
+    assert values["efficacy_strict"] == 0.5 and abs(values["efficacy_strict_se"] - 0.5) < 1e-9
+    assert m.compute() == {} or "case_id" not in m.last_per_record  # reset after compute
+
+
+def test_namet_paired_table_math():
+    from recipes.comparisons.namet import interpolate, paired_difference
+
+    a = {"case_id": [1, 2, 3], "efficacy_strict": [1.0, 0.0, 1.0]}
+    b = {"case_id": [3, 1, 9], "efficacy_strict": [0.0, 1.0, 1.0]}
+    assert paired_difference(a, b, "efficacy_strict") == [-1.0, 0.0]  # case 9 has no partner
+    curve = [(50.0, 80.0), (40.0, 90.0), (30.0, 95.0)]
+    assert interpolate(curve, 45.0) == 85.0 and interpolate(curve, 30.0) == 95.0
+    assert interpolate(curve, 55.0) is None

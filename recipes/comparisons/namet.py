@@ -13,10 +13,11 @@ the other groups are the configs unchanged.
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
-from recipes.reproduce import COMPARISONS, Comparison, Stage
+from recipes.reproduce import COMPARISONS, Comparison, Stage, mean_se
 
 LAMBDA = 2100.0  # the configs' mom2_update_weight (15000 x 1536 / 11008)
 SCALES = (1.0, 0.5, 2.0, 4.0)  # x1 first: it computes and caches the target vectors
@@ -69,6 +70,56 @@ def _mean(runs: list[dict], metric: str) -> float | None:
     return statistics.fmean(vals) * 100 if vals else None
 
 
+def _per_record(run: dict) -> dict | None:
+    """The run's ``per_record_test.json`` (every record's metrics with its ``case_id``), if it wrote one."""
+    path = Path(run.get("log_dir", "")) / "per_record_test.json"
+    return json.loads(path.read_text()) if run.get("log_dir") and path.exists() else None
+
+
+def paired_difference(a: dict, b: dict, metric: str) -> list[float]:
+    """``b - a`` of ``metric`` on each record both evaluated (matched by ``case_id``)."""
+    index = {c: i for i, c in enumerate(a["case_id"])}
+    return [b[metric][j] - a[metric][index[c]] for j, c in enumerate(b["case_id"]) if c in index]
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """``y`` at ``x`` on the piecewise-linear curve through ``points`` (sorted by ``x`` here); ``None`` outside it."""
+    pts = sorted(points)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def paired_table(results: dict) -> str:
+    """NAMET minus MEMIT at each λ multiplier, per record on the same records (same data seed), pooled over seeds:
+    mean ± standard error of the per-record differences; and NAMET's strict efficacy against MEMIT's at NAMET's
+    strict neighbourhood, read off MEMIT's λ curve (linear between its points; '—' outside its range)."""
+    lines = ["| edits | λ x | ΔES strict (pp) | ΔNS strict (pp) | ΔES strict +prefix | ΔNS strict +prefix | records "
+             "| NAMET ES strict − MEMIT's at NAMET's NS strict (pp) |", "|---|---|---|---|---|---|---|---|"]
+    prefixes = sorted({k.split("/")[0] for k in results if results[k]}, key=lambda p: (int(p[1:].split("-")[0]), p))
+    for pre in prefixes:
+        curve = [(_mean(r, "test/neighborhood_strict"), _mean(r, "test/efficacy_strict"))
+                 for s in SCALES if (r := results.get(f"{pre}/memit/x{s:g}"))]
+        for s in sorted(SCALES):
+            memit, namet = results.get(f"{pre}/memit/x{s:g}", []), results.get(f"{pre}/namet/x{s:g}", [])
+            pairs = [(_per_record(a), _per_record(b)) for a in memit for b in namet if a["seed"] == b["seed"]]
+            pairs = [(a, b) for a, b in pairs if a and b]
+            if not pairs:
+                continue
+            cells = []
+            for metric in ("efficacy_strict", "neighborhood_strict", "efficacy_strict_prefix",
+                           "neighborhood_strict_prefix"):
+                diffs = [100 * d for a, b in pairs for d in paired_difference(a, b, metric)]
+                cells.append(mean_se(diffs))
+            ns, es = _mean(namet, "test/neighborhood_strict"), _mean(namet, "test/efficacy_strict")
+            ref = interpolate(curve, ns) if ns is not None else None
+            gap = f"{es - ref:+.1f}" if ref is not None and es is not None else "—"
+            n = sum(len(paired_difference(a, b, "efficacy_strict")) for a, b in pairs)
+            lines.append(f"| {pre[1:]} | {s:g} | " + " | ".join(cells) + f" | {n} | {gap} |")
+    return "\n".join(lines) + "\n"
+
+
 def namet_plot(results: dict, path: Path) -> None:
     """Strict efficacy (y) against strict neighbourhood (x), one curve per method and edit count through the λ
     points (labelled by their multiplier); the unedited model as a cross. Bars: standard errors over edits."""
@@ -106,6 +157,9 @@ def namet_plot(results: dict, path: Path) -> None:
     fig.suptitle("SmolLM2-135M, country facts: MEMIT vs NAMET trade-off over λ (x config value)", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
+    from foundation.artifacts import atomic_write_text
+
+    atomic_write_text(path.with_name(f"{path.stem}-paired.md"), paired_table(results))
 
 
 COMPARISONS["namet"] = Comparison(
