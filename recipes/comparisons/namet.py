@@ -6,7 +6,9 @@ them and only re-solve the closed-form update with ``λ`` at 0.5, 2 and 4 times 
 one evaluation per point. The plot is the trade-off curve of both methods, strict efficacy against strict
 neighbourhood, one point per ``λ`` (error bars: standard errors over edits, averaged over seeds). Further rows:
 NAMET with the official ``hparams/NAMET`` values (v_lr 0.04, λ [25000, 50000] scaled), and the wider layer set of
-the causal trace, at the config ``λ``. The ``-cpu`` groups override the configs' float32 compute with bfloat16
+the causal trace, at the config ``λ``. Beside the plot, ``<plot>-paired.md``: NAMET minus MEMIT at each ``λ`` on
+the same records (each run writes ``per_record_test.json``), ± the standard error of the per-record differences,
+and NAMET's strict efficacy against MEMIT's curve at NAMET's strict neighbourhood. The ``-cpu`` groups override the configs' float32 compute with bfloat16
 autocast and use 5 context templates instead of 12 (:data:`CPU`, what a shared 2-core CPU allows in a session);
 the other groups are the configs unchanged.
 """
