@@ -124,7 +124,9 @@ def paired_table(results: dict) -> str:
 
 def namet_plot(results: dict, path: Path) -> None:
     """Strict efficacy (y) against strict neighbourhood (x), one curve per method and edit count through the λ
-    points (labelled by their multiplier); the unedited model as a cross. Bars: standard errors over edits."""
+    points (labelled by their multiplier): colour by method, line style by edit count. The unedited model (ES 0,
+    NS 100 by construction) is named in the legend, not drawn, so the curves keep the axes. Bars: standard errors
+    over edits."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,8 +137,9 @@ def namet_plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), squeeze=False)
     for ax, prefix in zip(axes[0], ("", "_prefix")):
         es, ns = f"test/efficacy_strict{prefix}", f"test/neighborhood_strict{prefix}"
-        for pre, color in zip(prefixes, ("C0", "C1", "C2", "C3", "C4", "C5")):
-            for key, style in (("memit", "o-"), ("namet", "s--")):
+        for pre, line in zip(prefixes, ("-", "--", ":", "-.", "-", "--")):
+            for key, color, marker in (("memit", "C0", "o"), ("namet", "C3", "s")):
+                style = marker + line
                 pts = []
                 for s in sorted(SCALES):
                     runs = results.get(f"{pre}/{key}/x{s:g}", [])
@@ -151,7 +154,7 @@ def namet_plot(results: dict, path: Path) -> None:
                         ax.annotate(f"x{s:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
             runs = results.get(f"{pre}/unedited", [])
             if _mean(runs, ns) is not None:
-                ax.plot([_mean(runs, ns)], [_mean(runs, es)], "x", color=color, label=f"unedited ({pre})")
+                ax.plot([], [], " ", label=f"unedited ({pre[1:]}): ES {_mean(runs, es):.1f}, NS {_mean(runs, ns):.1f}")
         ax.set_xlabel("NS strict (%)")
         ax.set_ylabel("ES strict (%)")
         ax.set_title("plain prompts" if not prefix else "with a random 5-token prefix", fontsize=9)
