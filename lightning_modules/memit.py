@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import time
 from typing import Literal
 
@@ -50,8 +51,6 @@ from lightning_modules.ops import editing as E
 def _cache_kw(base) -> str:
     """The KV-cache keyword of ``base.forward``: ``cache`` from transformers 5.24 on (``past_key_values`` is then a
     deprecated alias that logs a warning), ``past_key_values`` before."""
-    import inspect
-
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 

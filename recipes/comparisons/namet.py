@@ -72,6 +72,11 @@ def _mean(runs: list[dict], metric: str) -> float | None:
     return statistics.fmean(vals) * 100 if vals else None
 
 
+def _prefixes(results: dict) -> list[str]:
+    """The edit-count groups (``n300-cpu``, ...) that have results, by edit count."""
+    return sorted({k.split("/")[0] for k in results if results[k]}, key=lambda p: (int(p[1:].split("-")[0]), p))
+
+
 def _per_record(run: dict) -> dict | None:
     """The run's ``per_record_test.json`` (every record's metrics with its ``case_id``), if it wrote one."""
     path = Path(run.get("log_dir", "")) / "per_record_test.json"
@@ -99,7 +104,7 @@ def paired_table(results: dict) -> str:
     strict neighbourhood, read off MEMIT's λ curve (linear between its points; '—' outside its range)."""
     lines = ["| edits | λ x | ΔES strict (pp) | ΔNS strict (pp) | ΔES strict +prefix | ΔNS strict +prefix | records "
              "| NAMET ES strict − MEMIT's at NAMET's NS strict (pp) |", "|---|---|---|---|---|---|---|---|"]
-    prefixes = sorted({k.split("/")[0] for k in results if results[k]}, key=lambda p: (int(p[1:].split("-")[0]), p))
+    prefixes = _prefixes(results)
     for pre in prefixes:
         curve = [(_mean(r, "test/neighborhood_strict"), _mean(r, "test/efficacy_strict"))
                  for s in SCALES if (r := results.get(f"{pre}/memit/x{s:g}"))]
@@ -133,7 +138,7 @@ def namet_plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     from callbacks.round_curves import save_figure
 
-    prefixes = sorted({k.split("/")[0] for k in results if results[k]}, key=lambda p: (int(p[1:].split("-")[0]), p))
+    prefixes = _prefixes(results)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), squeeze=False)
     for ax, prefix in zip(axes[0], ("", "_prefix")):
         es, ns = f"test/efficacy_strict{prefix}", f"test/neighborhood_strict{prefix}"
