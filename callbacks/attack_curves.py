@@ -27,8 +27,26 @@ def attack_summary(record: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
 class AttackCurves(RoundCurves):
-    """:class:`RoundCurves` whose summary also holds :func:`attack_summary` (same arguments as RoundCurves)."""
+    """:class:`RoundCurves` whose summary also holds :func:`attack_summary` (same arguments as RoundCurves) and two
+    per-round means: ``malicious_admitted``, the share of the malicious updates the aggregator kept, over the rounds
+    with a malicious update (1 for FedAvg and clipping, less where a filter removed some), and ``ood_fit_mean``,
+    TrojanDam's accuracy on its current OOD mapping (NaN without the defense)."""
+
+    ROUND_KEYS = {"admitted": "round/malicious_admitted", "ood_fit": "round/ood_fit"}
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args)
+        for key, metric in self.ROUND_KEYS.items():
+            value = trainer.callback_metrics.get(metric)
+            if value is not None and math.isfinite(float(value)):
+                self.record.setdefault(key, []).append(float(value))
 
     def summary(self) -> dict[str, float]:
-        return {**super().summary(), **attack_summary(self.record)}
+        return {**super().summary(), **attack_summary(self.record),
+                "malicious_admitted": _mean(self.record.get("admitted", [])),
+                "ood_fit_mean": _mean(self.record.get("ood_fit", []))}  # fmt: skip

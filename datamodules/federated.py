@@ -11,6 +11,7 @@ from ``global_step``, which a resumed run restores exactly.
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -98,6 +99,7 @@ class FederatedDataModule(BackdoorDataModule):
         self.train_y: torch.Tensor | None = None
         self.client_train_idx: list[torch.Tensor] = []
         self.client_test_idx: list[torch.Tensor] = []
+        self.holdout: tuple[torch.Tensor, torch.Tensor] | None = None  # test images beyond test_size (server data)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_x is not None:
@@ -129,6 +131,7 @@ class FederatedDataModule(BackdoorDataModule):
         n_test = self.head(self.test_size, len(raw.test_y))
         x_test, y_test = self.pixels(raw.test_x[:n_test]), raw.test_y[:n_test]
         self.val_sets = [TensorBatchDataset(self.normalize(x_test), y_test)]
+        self.holdout = (self.normalize(self.pixels(raw.test_x[n_test:])), raw.test_y[n_test:])
         if self.poisoning is not None:
             xt, yt = self.poisoning.triggered_images(x_test, y_test)
             self.val_sets.append(TensorBatchDataset(self.normalize(xt), yt))
@@ -159,6 +162,28 @@ class FederatedDataModule(BackdoorDataModule):
     def num_samples(self, i: int) -> int:
         """Number of training samples of client ``i`` (FedAvg's weight)."""
         return len(self.client_train_idx[i])
+
+    def server_clean_set(self, per_class: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """A small clean set held by the server: ``per_class`` images of every class (seeded) from the test images
+        beyond ``test_size``, so it overlaps neither the clients' data nor the evaluation set. A class with fewer
+        held-out images gives all it has (a warning says so); a class with none is an error."""
+        x, y = self.holdout
+        gen = torch.Generator().manual_seed(seed)
+        picks, short = [], []
+        for c in range(self.num_classes):
+            idx = (y == c).nonzero().flatten()
+            if len(idx) == 0:
+                raise ValueError(
+                    f"the server's clean set needs images of class {c} beyond the {self.test_size} evaluation "
+                    f"images, found none; lower data.test_size"
+                )
+            short += [f"{c}: {len(idx)}"] if len(idx) < per_class else []
+            picks.append(idx[torch.randperm(len(idx), generator=gen)[:per_class]])
+        if short:
+            warnings.warn(f"the server's clean set has fewer than {per_class} held-out images of some classes "
+                          f"({', '.join(short)}); lower data.test_size for more", stacklevel=2)  # fmt: skip
+        idx = torch.cat(picks).sort().values
+        return x[idx], y[idx]
 
     # ------------------------------------------------------------------------------ poisoning
     def normalize(self, x: torch.Tensor) -> torch.Tensor:

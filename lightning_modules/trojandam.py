@@ -12,9 +12,23 @@ aggregates with FedAvg plus norm clipping, which the config sets as the aggregat
 
 1. **Importance.** Each ``Conv``/``Linear`` layer is split into units: output neurons (conv kernels, linear rows,
    with their bias), except the classifier ``output_layer``, whose units are its input features (the hidden
-   neurons' outgoing weights). A unit's importance is the sum over its entries of an exponential moving average of
-   ``|G_t − G_{t−1}|`` (what benign aggregation changes; ``importance: update``) or of ``|w|``
-   (``importance: weight``). The ``redundant_fraction`` least important units of each layer are redundant.
+   neurons' outgoing weights). A unit's importance is the sum over its entries of a per-entry score, and the
+   ``redundant_fraction`` least important units of each layer are redundant. The score (``importance``):
+
+   - ``clean_gradient`` (default): ``|Σ_b ∇ CE|`` of the global model (after the server step, before injection) on
+     a small clean set the server holds, ``clean_per_class`` images per class drawn from data no client holds,
+     recomputed every round. A signal the attacker does not control: a backdoor's neurons are idle on clean
+     inputs, so their clean gradient is small and they count as redundant, which is where the injection must
+     act. The estimator is the one Neurotoxin's official attacker uses for "the coordinates benign training
+     needs" (ybdai7/Backdoor-indicator-defense@04dec87, participants/clients/MaliciousClient.py
+     ``_grad_mask_cv``: ``loss = nn.functional.cross_entropy(output, labels)`` / ``loss.backward(
+     retain_graph=True)`` summed over the batches, then ``parms.grad.abs()``), and the per-class size is that
+     harness's server-side set (utils/yamls/indicator/params_chameleon_Indicator.yaml: ``global_class_num: 20``).
+     The paper's own signal is not public (docs/trojandam.md).
+   - ``update``: an exponential moving average of ``|G_t − G_{t−1}|``. Under a continuous attack the server step
+     holds the malicious update, so the attacker's units are marked important and spared (the first
+     reproduction's error; kept as the ablation).
+   - ``weight``: ``|w|`` (L1 structured-pruning importance).
 2. **Fresh mapping.** Every ``period`` rounds the OOD flood set (``pool_size`` images from ``ood_source``: the
    other one of MNIST/Fashion-MNIST, pixel noise, random block patches, or any image dataset) gets new labels in
    the task's label space, each differing from the sample's previous label (or a new set is drawn,
@@ -37,9 +51,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector
 
+from lightning_modules.federated.attacks import Neurotoxin
 from lightning_modules.federated.recipe import FederatedRecipe, ServerDefense
 from lightning_modules.ops import trojandam as ops
 
+Importance = Literal["clean_gradient", "update", "weight"]
 OODSource = Literal["auto", "mnist", "fashion-mnist", "digits", "cifar10", "noise", "patches"]
 _AUTO_OOD = {"mnist": "fashion-mnist", "fashion-mnist": "mnist"}
 
@@ -68,8 +84,11 @@ class TrojanDam(ServerDefense):
         lr: injection learning rate ("small": BackdoorIndicator's ``global_lr`` is 8e-4 on CIFAR ResNet-18).
         momentum: SGD momentum of the injection (its state is not kept across rounds).
         redundant_fraction: share of each layer's units counted as redundant, in ``[0, 1]``.
-        importance: ``update`` (moving average of ``|server step|``) or ``weight`` (``|w|``).
-        importance_decay: decay of the moving average (0: the last server step only).
+        importance: ``clean_gradient`` (``|gradient|`` on the server's clean set), ``update`` (moving average
+            of ``|server step|``) or ``weight`` (``|w|``); see the module docstring.
+        importance_decay: decay of the moving average of ``update`` (0: the last server step only).
+        clean_per_class: images per class of the server's clean set (``clean_gradient``), drawn from the test
+            images beyond the federation's ``test_size``.
         output_layer: name of the classifier module, whose units are its input features.
         period: rounds between fresh mappings (1: a new mapping every round; in between the same one is trained).
         start_round: first round with injection.
@@ -82,7 +101,7 @@ class TrojanDam(ServerDefense):
     def __init__(
         self, ood_source: OODSource = "auto", pool_size: int = 800, fresh_samples: bool = False, steps: int = 10,
         batch_size: int = 64, lr: float = 0.01, momentum: float = 0.9, redundant_fraction: float = 0.5,
-        importance: Literal["update", "weight"] = "update", importance_decay: float = 0.9,
+        importance: Importance = "clean_gradient", importance_decay: float = 0.9, clean_per_class: int = 20,
         output_layer: str = "head", period: int = 1, start_round: int = 0,
         bn_mode: Literal["eval", "restore"] = "eval", patch_size: int = 4, seed: int | None = None,
     ):  # fmt: skip
@@ -91,16 +110,21 @@ class TrojanDam(ServerDefense):
         if not 0.0 <= redundant_fraction <= 1.0 or not 0.0 <= importance_decay < 1.0:
             raise ValueError(f"need redundant_fraction in [0, 1] and importance_decay in [0, 1), got "
                              f"{redundant_fraction}, {importance_decay}")  # fmt: skip
-        if importance not in ("update", "weight") or bn_mode not in ("eval", "restore"):
-            raise ValueError(f"importance must be update|weight and bn_mode eval|restore, got {importance}, {bn_mode}")
+        if importance not in ("clean_gradient", "update", "weight") or bn_mode not in ("eval", "restore"):
+            raise ValueError(f"importance must be clean_gradient|update|weight and bn_mode eval|restore, got "
+                             f"{importance}, {bn_mode}")  # fmt: skip
+        if clean_per_class < 1:
+            raise ValueError(f"clean_per_class must be >= 1, got {clean_per_class}")
         self.ood_source, self.pool_size, self.fresh_samples = ood_source, pool_size, fresh_samples
         self.steps, self.batch_size, self.lr, self.momentum = steps, batch_size, lr, momentum
         self.redundant_fraction, self.importance, self.importance_decay = redundant_fraction, importance, importance_decay
+        self.clean_per_class = clean_per_class
+        self.clean: tuple[Tensor, Tensor] | None = None  # the server's clean set (clean_gradient)
         self.output_layer, self.period, self.start_round = output_layer, period, start_round
         self.bn_mode, self.patch_size, self.seed = bn_mode, patch_size, seed
         self.images: Tensor | None = None  # the flood set, normalised like the federation's inputs
         self.labels: Tensor | None = None  # its current mapping
-        self.scores: dict[str, Tensor] = {}  # moving average of |server step| per parameter
+        self.scores: dict[str, Tensor] = {}  # per-entry score per parameter (update, clean_gradient)
 
     # ------------------------------------------------------------------------------------------ pieces
     def layers(self, net: nn.Module) -> dict[str, tuple[nn.Module, int]]:
@@ -120,10 +144,28 @@ class TrojanDam(ServerDefense):
             old = self.scores.get(name)
             self.scores[name] = new if old is None else self.importance_decay * old + (1 - self.importance_decay) * new
 
+    def track_clean_gradient(self, net: nn.Module, x: Tensor, y: Tensor) -> None:
+        """Set the scores to ``|Σ_b ∇ CE|`` of ``net`` on the clean set ``(x, y)`` in batches of ``batch_size``
+        (train mode, as the official estimator; buffers restored, so BatchNorm statistics do not move)."""
+        device = next(net.parameters()).device
+        buffers = [b.detach().clone() for b in net.buffers()]
+        was_training = net.training
+        net.train()
+        with torch.enable_grad():
+            grad = Neurotoxin.clean_gradient(net, [(x.to(device), y.to(device))], self.batch_size, mean=True)
+        with torch.no_grad():
+            for b, saved in zip(net.buffers(), buffers):
+                b.copy_(saved)
+        net.train(was_training)
+        named = list(net.named_parameters())
+        for (name, p), part in zip(named, grad.split([p.numel() for _, p in named])):
+            self.scores[name] = part.abs().view_as(p)
+
     def score(self, name: str, param: Tensor) -> Tensor:
-        """Per-entry importance of parameter ``name``: its moving average of ``|server step|`` (``update``; ``|w|``
-        before the first server step) or ``|w|`` (``weight``)."""
-        if self.importance == "update" and name in self.scores:
+        """Per-entry importance of parameter ``name``: its tracked score (``update``: the moving average of
+        ``|server step|``; ``clean_gradient``: ``|clean gradient|``), ``|w|`` before the first one or with
+        ``weight``."""
+        if self.importance != "weight" and name in self.scores:
             return self.scores[name]
         return param.detach().abs()
 
@@ -213,6 +255,10 @@ class TrojanDam(ServerDefense):
         stats = {"round/ood_loss": nan, "round/ood_fit": nan, "round/ood_step_norm": nan}
         if round >= self.start_round:
             seed = self.seed if self.seed is not None else int(recipe.seed)
+            if self.importance == "clean_gradient":
+                if self.clean is None:
+                    self.clean = dm.server_clean_set(self.clean_per_class, seed)
+                self.track_clean_gradient(net, *self.clean)
             if self.labels is None or (round - self.start_round) % self.period == 0:
                 self.refresh(dm, round, dm.num_classes, seed)
             g = torch.Generator().manual_seed(_mix(seed, round, 1))

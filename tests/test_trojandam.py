@@ -6,6 +6,7 @@ configs/fl/defenses/trojandam.yaml run through the CLI in tests/test_configs.py.
 from __future__ import annotations
 
 import pytest
+import yaml
 import torch
 from torch import nn
 
@@ -95,6 +96,70 @@ def test_update_importance_keeps_the_neurons_the_server_steps_move():
     assert torch.equal(defense.masks(net)["fc.weight"], masks["fc.weight"])
 
 
+class TriggerMLP(nn.Module):
+    """8x8 images -> 16 hidden ReLU units -> 10 logits, with a planted backdoor neuron: hidden unit 3 reads only
+    pixel 0 (the trigger, 0 on clean images) through a bias of -1, and its head column votes for class 7."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.head = nn.Linear(64, 16), nn.Linear(16, 10)
+        with torch.no_grad():
+            self.fc.weight[3].zero_()
+            self.fc.weight[3, 0], self.fc.bias[3] = 1.0, -1.0
+            self.head.weight[:, 3] = 0.0
+            self.head.weight[7, 3] = 5.0
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc(x.flatten(1))))
+
+
+def test_clean_gradient_importance_marks_a_planted_backdoor_neuron_redundant():
+    """The backdoor neuron carries the whole malicious server step, so ``update`` importance spares it; on clean
+    inputs it never fires, so its clean gradient is zero and ``clean_gradient`` hands it to the injection."""
+    net = TriggerMLP()
+    x, y = _data(200)
+    x[:, 0, 0, 0] = 0.0  # clean images: the trigger pixel is off
+    triggered = x.clone()
+    triggered[:, 0, 0, 0] = 10.0
+    assert (net(triggered).argmax(-1) == 7).float().mean() > 0.9, "the planted neuron must be a working backdoor"
+    # the malicious server step: exactly the planted weights (fc row 3 with its bias, head column 3)
+    step = {n: torch.zeros_like(p) for n, p in net.named_parameters()}
+    step["fc.weight"][3], step["fc.bias"][3] = net.fc.weight[3].detach(), net.fc.bias[3].detach()
+    step["head.weight"][:, 3] = net.head.weight[:, 3].detach()
+    by_update = TrojanDam(redundant_fraction=0.5, importance="update", output_layer="head")
+    by_update.track_update(net, torch.cat([v.flatten() for v in step.values()]))
+    masks = by_update.masks(net)
+    assert not masks["fc.weight"][3].any() and not masks["head.weight"][:, 3].any(), "update importance spares it"
+    by_clean = TrojanDam(redundant_fraction=0.5, importance="clean_gradient", output_layer="head", batch_size=64)
+    by_clean.track_clean_gradient(net, x, y)
+    assert by_clean.scores["fc.weight"][3].abs().sum() == 0 and by_clean.scores["head.weight"][:, 3].sum() == 0
+    masks = by_clean.masks(net)
+    assert masks["fc.weight"][3].all() and masks["fc.bias"][3] and masks["head.weight"][:, 3].all()
+    assert masks["fc.weight"].all(1).sum() == 8, "still half of the units"
+
+
+def test_clean_gradient_hook_uses_a_server_set_outside_the_clients_and_the_test_set():
+    dm = make_dm(test_size=200)  # of digits' 300 test images: 100 left for the server
+    defense = TrojanDam(ood_source="noise", pool_size=64, steps=3, lr=0.05, clean_per_class=5)
+    recipe = make_recipe(aggregator=NormClipping(1.0), server_defense_hooks=[defense])
+    fit(recipe, dm, 2)
+    x, y = defense.clean
+    assert torch.equal(torch.bincount(y, minlength=10), torch.full((10,), 5)), "5 images of every class"
+    flat_rows = lambda t: {tuple(r.tolist()) for r in t.flatten(1)}  # noqa: E731
+    server = flat_rows(x)
+    assert server <= flat_rows(dm.holdout[0]), "drawn from the test images beyond test_size"
+    assert not server & flat_rows(dm.val_sets[0].tensors[0]) and not server & flat_rows(dm.train_x)
+    assert set(defense.scores) == {n for n, _ in recipe.net.named_parameters()}
+    with pytest.warns(UserWarning, match="fewer than 40 held-out images of some classes"):
+        x, y = dm.server_clean_set(40)
+    assert len(y) == len(dm.holdout[1]), "a short class gives all it has"
+    everything = make_dm()  # test_size None: every test image is evaluation, none left for the server
+    everything.setup()
+    with pytest.raises(ValueError, match="lower data.test_size"):
+        everything.server_clean_set(5)
+
+
 @pytest.mark.parametrize("fresh_samples", [False, True])
 def test_a_fresh_mapping_differs_between_rounds(fresh_samples):
     dm = make_dm()
@@ -120,7 +185,7 @@ def test_hook_in_a_federated_round_moves_only_redundant_entries():
     dm = make_dm()
     plain = make_recipe(aggregator=NormClipping(1.0))
     fit(plain, dm, 1)
-    defense = TrojanDam(ood_source="noise", pool_size=64, steps=3, lr=0.05, redundant_fraction=0.5)
+    defense = TrojanDam(ood_source="noise", pool_size=64, steps=3, lr=0.05, redundant_fraction=0.5, importance="update")
     defended = make_recipe(aggregator=NormClipping(1.0), server_defense_hooks=[defense])
     fit(defended, dm, 1)
     masks = defense.masks(plain.net)  # the masks of round 0: scores = |server step|, the same in both runs
@@ -199,15 +264,39 @@ def test_attack_summary_means_over_the_attack(record, expected):
     assert (out["ba_mean_attack"], out["ma_mean_attack"]) == pytest.approx(expected)
 
 
-def test_comparison_stages_point_at_existing_configs_and_warm_start_from_the_warmup():
+@pytest.mark.parametrize("aggregator, admitted", [("fedavg", 1.0), ("krum", 0.0)])
+def test_attack_curves_count_the_malicious_updates_the_aggregator_kept(aggregator, admitted, tmp_path):
+    """A boosted attacker (update x 50) in every round: FedAvg keeps it every time, Krum (f = 1, one selected)
+    never; the summary also holds the mean OOD fit of TrojanDam (NaN without it)."""
+    from callbacks.attack_curves import AttackCurves
+    from lightning_modules.federated import AttackSchedule, FedAvg, Krum, NaivePoisoning
+
+    attack = NaivePoisoning(schedule=AttackSchedule([0], scale=50.0))
+    agg = FedAvg() if aggregator == "fedavg" else Krum(num_malicious=1, num_selected=1)
+    curves = AttackCurves(every_validation=False)
+    recipe = make_recipe(attack=attack, aggregator=agg, clients_per_round=5)
+    fit(recipe, make_dm(), 3, callbacks=[curves], default_root_dir=tmp_path)
+    summary = curves.summary()
+    assert len(curves.record["admitted"]) == 3 and summary["malicious_admitted"] == admitted
+    assert summary["ood_fit_mean"] != summary["ood_fit_mean"]  # NaN: no TrojanDam
+
+
+def test_comparison_runs_the_grid_from_the_chameleon_testbeds_warmup():
+    """Every (attack, defense) pair on both datasets, in priority order, each warm-started from the warm-up the
+    chameleon comparison shares, and every malicious update and the clipping bound at the one stealthy radius."""
     from pathlib import Path
 
+    from recipes.comparisons.trojandam import RADIUS
     from recipes.reproduce import load_comparisons
 
     comp = load_comparisons()["trojandam"]
     repo = Path(__file__).resolve().parents[1]
     keys = [s.key for s in comp.stages]
-    assert keys.index("mnist/naive/trojandam") < keys.index("mnist/chameleon/fedavg") < keys.index("fashion-mnist/warmup")
+    for dataset in ("mnist", "fashion-mnist"):
+        assert {f"{dataset}/{a}/{d}" for a in ("pgd", "neurotoxin", "chameleon")
+                for d in ("fedavg", "normclip", "multikrum", "flame", "trojandam")} <= set(keys)  # fmt: skip
+    assert keys.index("mnist/pgd/trojandam") < keys.index("mnist/chameleon/fedavg") < keys.index(
+        "../chameleon/fashion-mnist/warmup")
     for stage in comp.stages:
         assert (repo / "configs" / stage.config).exists() and (repo / "tests/configs" / stage.config).exists()
         for arg in stage.overrides:
@@ -215,4 +304,10 @@ def test_comparison_stages_point_at_existing_configs_and_warm_start_from_the_war
                 assert (repo / arg.removeprefix("--config=")).exists(), arg
         if "warmup" not in stage.key:
             dataset = stage.key.split("/")[0]
-            assert f"--model.init_args.init_from={{artifact:{dataset}/warmup}}" in stage.overrides
+            assert f"--model.init_args.init_from={{artifact:../chameleon/{dataset}/warmup}}" in stage.overrides
+            if "/none/" not in stage.key and "/pgd/" not in stage.key:
+                assert f"--model.init_args.attack.init_args.radius={RADIUS}" in stage.overrides
+            if stage.key.endswith(("normclip", "trojandam")):
+                assert f"--model.init_args.aggregator.init_args.max_norm={RADIUS}" in stage.overrides
+    testbed = yaml.safe_load((repo / "configs" / "trojandam" / "testbed.yaml").read_text())["model"]["init_args"]
+    assert testbed["attack"]["init_args"]["radius"] == RADIUS, "PGD (the testbed's attack) at the same radius"

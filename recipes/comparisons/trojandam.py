@@ -1,64 +1,80 @@
-"""``python -m recipes.reproduce trojandam``: TrojanDam (Dai, Li, Gan, Gong, arXiv 2504.15674, 2025) against
-FedAvg, norm clipping, Multi-Krum and FLAME under a continuous backdoor attack (naive, Neurotoxin, Chameleon) on
-MNIST and Fashion-MNIST.
+"""``python -m recipes.reproduce trojandam``: TrojanDam (Dai, Li, Gan, Gong, arXiv 2504.15674, 2025) against FedAvg,
+norm clipping, Multi-Krum and FLAME under the stealthy continuous attacks it was built for (issue 23), on the
+federated testbed of the Chameleon comparison, MNIST and Fashion-MNIST.
 
-Each attack run starts from a clean warm-up artifact (``fl_warmup_stage``: 60 clean rounds of
-``configs/chameleon/mnist_normclip.yaml``, the same net and partition), then the attacker (client 0) takes part in
-every one of the ``configs/trojandam/mnist_continuous.yaml`` rounds. The federation (partition, client test
-splits) is drawn with data seed 0 for every run seed, so the attacker's data stay the same (see the chameleon
-comparison); the run seed draws the initialisation, client sampling and SGD noise. Stages are ordered by priority
-(MNIST naive and Neurotoxin, then Chameleon, then Fashion-MNIST), so ``--only`` prefixes such as ``mnist/naive`` run
-the most important first.
+Every run starts from the testbed's clean 200-round warm-up artifact (stage ``../chameleon/<dataset>/warmup``,
+shared with ``reproduce chameleon``: it runs once for both) and continues for 150 rounds of
+``configs/trojandam/testbed.yaml``: 10 colluding malicious clients among 100, taking part only when sampled, attack
+in every round they take part in, each update projected to the median benign norm (0.55). Attacks: PGD (the
+testbed's), Neurotoxin with the official clean-client mask and Chameleon, all at that radius. Defenses: FedAvg
+(unweighted, the testbed server), norm clipping at the same bound, Multi-Krum (f = 1, 5 selected), FLAME and
+TrojanDam (``configs/fl/defenses/trojandam.yaml``: norm clipping at the same bound plus the injection). The clean
+continuations (no attack) under FedAvg and TrojanDam give the MA every defense should keep and the trigger's base
+rate. The federation is drawn with data seed 0 for every run seed (the malicious clients' data stay the same); the
+run seed draws the client sampling and the SGD noise. Stages are ordered by priority (MNIST PGD, Neurotoxin, then
+Chameleon, then Fashion-MNIST), so ``--only mnist/pgd`` runs the first row block alone.
 """
 
 from __future__ import annotations
 
-from recipes.comparisons.fl import curves_plot, fl_warmup_stage
+from recipes.comparisons.chameleon import DATASETS, WARMUP_CFG, se_table
+from recipes.comparisons.fl import curves_plot
 from recipes.reproduce import COMPARISONS, Comparison, Stage
 
-CONFIG = "trojandam/mnist_continuous.yaml"
-DEFENSES = {"FedAvg": "fedavg", "norm clip": "normclip", "Multi-Krum": "multikrum", "FLAME": "flame",
-            "TrojanDam": "trojandam", "TrojanDam, stable mapping": "trojandam_stable"}  # fmt: skip
-ATTACKS = {"naive": "naive", "Neurotoxin": "neurotoxin", "Chameleon": "chameleon"}
-POISON_RATE = "--model.init_args.attack.init_args.poison_fraction=0.109375"  # 7 of 64, as the chameleon comparison
-DATASETS = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
+CONFIG, RADIUS = "trojandam/testbed.yaml", 0.55
+AGG = "--model.init_args.aggregator.init_args"
+DEFENSES = {  # label: (stage key, overrides)
+    "FedAvg": ("fedavg", ["--config=configs/fl/defenses/fedavg.yaml", f"{AGG}.weighted=false"]),
+    "norm clip": ("normclip", ["--config=configs/fl/defenses/normclip.yaml", f"{AGG}.max_norm={RADIUS}",
+                               f"{AGG}.weighted=false"]),
+    "Multi-Krum": ("multikrum", ["--config=configs/fl/defenses/multikrum.yaml"]),
+    "FLAME": ("flame", ["--config=configs/fl/defenses/flame.yaml"]),
+    "TrojanDam": ("trojandam", ["--config=configs/fl/defenses/trojandam.yaml", f"{AGG}.max_norm={RADIUS}",
+                                f"{AGG}.weighted=false"]),
+}  # fmt: skip
+ATK = "--model.init_args.attack.init_args"
+ATTACKS = {  # label: (stage key, overrides); PGD is the testbed's own attack
+    "PGD": ("pgd", []),
+    "Neurotoxin (official mask)": ("neurotoxin", ["--config=configs/fl/attacks/neurotoxin_official.yaml",
+                                                  f"{ATK}.radius={RADIUS}"]),
+    "Chameleon": ("chameleon", ["--config=configs/fl/attacks/chameleon.yaml", f"{ATK}.radius={RADIUS}",
+                                f"{ATK}.radius_contrastive={RADIUS}"]),
+}  # fmt: skip
+COLUMNS = {"curve/ma_mean_attack": "mean MA (%)", "test/acc": "final MA (%)", "curve/ba_mean_attack": "mean BA (%)",
+           "test/asr": "final BA (%)", "curve/ba_peak": "peak BA (%)",
+           "curve/malicious_admitted": "malicious updates kept (%)", "curve/ood_fit_mean": "OOD fit (%)"}  # fmt: skip
 
 
-def trojandam_stages(dataset: str, attacks: dict[str, str], warmup_rounds: int = 60) -> list[Stage]:
-    """Warm-up, the clean continuations (FedAvg, TrojanDam), then every (attack, defense) pair on ``dataset``."""
+def trojandam_stages(dataset: str) -> list[Stage]:
+    """The shared warm-up, the clean continuations (FedAvg, TrojanDam), then every (attack, defense) pair."""
     name = DATASETS[dataset]
     data = [f"--data.init_args.dataset={dataset}", "--data.init_args.seed=0"]  # one federation for every run seed
-    warm = f"--model.init_args.init_from={{artifact:{dataset}/warmup}}"
+    warm_key = f"../chameleon/{dataset}/warmup"
+    warm = f"--model.init_args.init_from={{artifact:{warm_key}}}"
     none = "--config=configs/fl/attacks/none.yaml"
-    stages = [
-        fl_warmup_stage(dataset, data, warmup_rounds, f"{name}, no attack", "clean warm-up (norm clip)"),
-        *[Stage(f"{dataset}/none/{cfg}", CONFIG, [none, f"--config=configs/fl/defenses/{cfg}.yaml", warm, *data],
-                f"{name}, no attack", label) for label, cfg in (("FedAvg", "fedavg"), ("TrojanDam", "trojandam"))],
-    ]  # fmt: skip
-    for attack, attack_cfg in attacks.items():
-        for defense, cfg in DEFENSES.items():
-            overrides = [f"--config=configs/fl/attacks/{attack_cfg}.yaml",
-                         *([POISON_RATE] if attack_cfg != "chameleon" else []),
-                         f"--config=configs/fl/defenses/{cfg}.yaml", warm, *data]  # fmt: skip
-            stages.append(Stage(f"{dataset}/{attack_cfg}/{cfg}", CONFIG, overrides, f"{name}, {attack}", defense))
+    stages = [Stage(warm_key, WARMUP_CFG, data, name, "clean warm-up (shared with reproduce chameleon)")]
+    for label in ("FedAvg", "TrojanDam"):
+        key, args = DEFENSES[label]
+        stages.append(Stage(f"{dataset}/none/{key}", CONFIG, [none, *args, warm, *data], f"{name}, no attack", label))
+    for attack, (attack_key, attack_args) in ATTACKS.items():
+        for defense, (defense_key, defense_args) in DEFENSES.items():
+            stages.append(Stage(f"{dataset}/{attack_key}/{defense_key}", CONFIG,
+                                [*attack_args, *defense_args, warm, *data], f"{name}, {attack}", defense))  # fmt: skip
     return stages
 
 
 COMPARISONS["trojandam"] = Comparison(
-    title="TrojanDam vs. robust aggregation under a continuous FL backdoor (attacker in every round)",
-    stages=[*trojandam_stages("mnist", ATTACKS), *trojandam_stages("fashion-mnist", ATTACKS)],
-    columns={"test/acc": "final MA (%)", "curve/ma_mean_attack": "mean MA (%)", "test/asr": "final BA (%)",
-             "curve/ba_mean_attack": "mean BA (%)", "curve/ba_peak": "peak BA (%)"},  # fmt: skip
-    seeds=(0, 1),
-    notes="configs/trojandam/mnist_continuous.yaml: 100 clients, Dirichlet 0.5, 10 per round, server lr 1, MNIST "
-    "CNN, warm-started from the 60-round clean warm-up (norm clipping, its own row); then 30 rounds in which client "
-    "0 attacks every round: naive poisoning (2 local epochs), Neurotoxin (keep 99%, radius 1), both with 7 of 64 "
-    "samples per batch poisoned, or Chameleon (configs/fl/attacks/chameleon.yaml). Defenses: FedAvg, norm clipping "
-    "(M = 1), Multi-Krum (f = 1, 5 selected), FLAME (lambda = 0.001), TrojanDam (configs/fl/defenses/trojandam.yaml: "
-    "norm clipping M = 1 plus OOD injection into the redundant half of each layer: 800 Fashion-MNIST/MNIST images, "
-    "a fresh mapping every round, 10 steps at lr 0.01; 'stable mapping': 128 images, a mapping kept 10 rounds, lr "
-    "0.02, configs/fl/defenses/trojandam_stable.yaml). MA: clean test accuracy; BA: "
-    "triggered non-target test images classified as the target, on 5,000 test images every 3 rounds; mean: over "
-    "the evaluations during the attack. 'no attack' rows are the clean continuations (BA = the trigger's base rate).",
+    title="TrojanDam vs. robust aggregation under stealthy continuous FL backdoors (10% colluding attackers)",
+    stages=[*trojandam_stages("mnist"), *trojandam_stages("fashion-mnist")],
+    columns=COLUMNS, seeds=(0, 1), table=se_table,
+    notes="configs/trojandam/testbed.yaml from the Chameleon testbed's clean warm-up (200 rounds, its own row): 100 "
+    "clients, Dirichlet 0.9, 10 per round, MNIST CNN 32/64 channels with a 256-d feature layer, benign lr 0.03, 2 "
+    "local epochs, server lr 0.5; 150 rounds in which clients 0-9 attack whenever sampled (7 of 64 samples per "
+    "batch poisoned, target 2), every malicious update projected to L2 norm 0.55 (the median benign norm). "
+    "Defenses: FedAvg (unweighted), norm clipping at M = 0.55, Multi-Krum (f = 1, 5 selected), FLAME (lambda = "
+    "0.001), TrojanDam (norm clipping at 0.55 plus configs/fl/defenses/trojandam.yaml). Mean MA/BA: over the "
+    "evaluations during the attack (every 10 rounds, 5,000 test images); malicious updates kept: the share of "
+    "malicious updates the aggregator kept, over the rounds with one; OOD fit: TrojanDam's accuracy on its current "
+    "mapping after injection. Mean ± standard error over seeds.",
     plot=lambda results, path: curves_plot(COMPARISONS["trojandam"], results, path),
-)
+)  # fmt: skip
