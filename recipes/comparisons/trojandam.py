@@ -5,7 +5,7 @@ federated testbed of the Chameleon comparison, MNIST and Fashion-MNIST.
 Every run starts from the testbed's clean 200-round warm-up artifact (stage ``../chameleon/<dataset>/warmup``,
 shared with ``reproduce chameleon``: it runs once for both) and continues for 150 rounds of
 ``configs/trojandam/testbed.yaml``: 10 colluding malicious clients among 100, taking part only when sampled, attack
-in every round they take part in, each update projected to the median benign norm (0.55). Attacks: PGD (the
+in every round they take part in, each update projected to the median benign norm (0.3). Attacks: PGD (the
 testbed's), Neurotoxin with the official clean-client mask and Chameleon, all at that radius. Defenses: FedAvg
 (unweighted, the testbed server), norm clipping at the same bound, Multi-Krum (f = 1, 5 selected), FLAME and
 TrojanDam (``configs/fl/defenses/trojandam.yaml``: norm clipping at the same bound plus the injection). The clean
@@ -21,7 +21,7 @@ from recipes.comparisons.chameleon import DATASETS, WARMUP_CFG, se_table
 from recipes.comparisons.fl import curves_plot
 from recipes.reproduce import COMPARISONS, Comparison, Stage
 
-CONFIG, RADIUS = "trojandam/testbed.yaml", 0.55
+CONFIG, RADIUS = "trojandam/testbed.yaml", 0.3
 AGG = "--model.init_args.aggregator.init_args"
 DEFENSES = {  # label: (stage key, overrides)
     "FedAvg": ("fedavg", ["--config=configs/fl/defenses/fedavg.yaml", f"{AGG}.weighted=false"]),
@@ -70,9 +70,9 @@ COMPARISONS["trojandam"] = Comparison(
     notes="configs/trojandam/testbed.yaml from the Chameleon testbed's clean warm-up (200 rounds, its own row): 100 "
     "clients, Dirichlet 0.9, 10 per round, MNIST CNN 32/64 channels with a 256-d feature layer, benign lr 0.03, 2 "
     "local epochs, server lr 0.5; 150 rounds in which clients 0-9 attack whenever sampled (7 of 64 samples per "
-    "batch poisoned, target 2), every malicious update projected to L2 norm 0.55 (the median benign norm). "
-    "Defenses: FedAvg (unweighted), norm clipping at M = 0.55, Multi-Krum (f = 1, 5 selected), FLAME (lambda = "
-    "0.001), TrojanDam (norm clipping at 0.55 plus configs/fl/defenses/trojandam.yaml). Mean MA/BA: over the "
+    "batch poisoned, target 2), every malicious update projected to L2 norm 0.3 (the median benign norm). "
+    "Defenses: FedAvg (unweighted), norm clipping at M = 0.3, Multi-Krum (f = 1, 5 selected), FLAME (lambda = "
+    "0.001), TrojanDam (norm clipping at 0.3 plus configs/fl/defenses/trojandam.yaml). Mean MA/BA: over the "
     "evaluations during the attack (every 10 rounds, 5,000 test images); malicious updates kept: the share of "
     "malicious updates the aggregator kept, over the rounds with one; OOD fit: TrojanDam's accuracy on its current "
     "mapping after injection. Mean ± standard error over seeds.",
