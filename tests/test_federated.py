@@ -241,3 +241,15 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     assert "devices: 2" in artifact_of(tmp_path, "ddp").manifest["config"]
     for k in single:
         assert torch.equal(single[k], ddp[k]), k
+
+
+def test_round_stats_give_the_benign_update_norms_mean_and_median_and_the_kept_malicious_share():
+    recipe = make_recipe()
+    updates = torch.tensor([[3.0, 4.0], [0.0, 1.0], [0.0, 2.0], [6.0, 8.0]])  # norms 5, 1, 2, 10
+    out = {"updates": updates, "finite": torch.tensor([True, True, True, True]),
+           "malicious": torch.tensor([False, False, False, True]), "aggregate": torch.zeros(2),
+           "admitted": torch.tensor([0, 1, 2]), "info": {}}  # fmt: skip
+    stats = recipe.round_stats(0, out)
+    assert stats["round/update_norm_mean"] == pytest.approx(8 / 3)
+    assert stats["round/update_norm_median"] == 2.0  # the benign norms 1, 2, 5 (the malicious 10 left out)
+    assert stats["round/malicious_norm"] == 10.0 and stats["round/malicious_admitted"] == 0.0

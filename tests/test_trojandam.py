@@ -307,7 +307,7 @@ def test_comparison_runs_the_grid_from_the_chameleon_testbeds_warmup():
             assert f"--model.init_args.init_from={{artifact:../chameleon/{dataset}/warmup}}" in stage.overrides
             if "/none/" not in stage.key and "/pgd/" not in stage.key:
                 assert f"--model.init_args.attack.init_args.radius={RADIUS}" in stage.overrides
-            if stage.key.endswith(("normclip", "trojandam")):
+            if stage.key.endswith(("normclip", "trojandam", "trojandam_fresh")):
                 assert f"--model.init_args.aggregator.init_args.max_norm={RADIUS}" in stage.overrides
     testbed = yaml.safe_load((repo / "configs" / "trojandam" / "testbed.yaml").read_text())["model"]["init_args"]
     assert testbed["attack"]["init_args"]["radius"] == RADIUS, "PGD (the testbed's attack) at the same radius"

@@ -8,7 +8,8 @@ shared with ``reproduce chameleon``: it runs once for both) and continues for 15
 in every round they take part in, each update projected to the median benign norm (0.3). Attacks: PGD (the
 testbed's), Neurotoxin with the official clean-client mask and Chameleon, all at that radius. Defenses: FedAvg
 (unweighted, the testbed server), norm clipping at the same bound, Multi-Krum (f = 1, 5 selected), FLAME and
-TrojanDam (``configs/fl/defenses/trojandam.yaml``: norm clipping at the same bound plus the injection). The clean
+TrojanDam (``configs/fl/defenses/trojandam.yaml``: norm clipping at the same bound plus the injection) and its
+ablation with a fresh, never-fitted mapping every round (``trojandam_fresh.yaml``). The clean
 continuations (no attack) under FedAvg and TrojanDam give the MA every defense should keep and the trigger's base
 rate. The federation is drawn with data seed 0 for every run seed (the malicious clients' data stay the same); the
 run seed draws the client sampling and the SGD noise. Stages are ordered by priority (MNIST PGD, Neurotoxin, then
@@ -31,6 +32,8 @@ DEFENSES = {  # label: (stage key, overrides)
     "FLAME": ("flame", ["--config=configs/fl/defenses/flame.yaml"]),
     "TrojanDam": ("trojandam", ["--config=configs/fl/defenses/trojandam.yaml", f"{AGG}.max_norm={RADIUS}",
                                 f"{AGG}.weighted=false"]),
+    "TrojanDam, fresh mapping every round": ("trojandam_fresh", ["--config=configs/fl/defenses/trojandam_fresh.yaml",
+                                                                 f"{AGG}.max_norm={RADIUS}", f"{AGG}.weighted=false"]),
 }  # fmt: skip
 ATK = "--model.init_args.attack.init_args"
 ATTACKS = {  # label: (stage key, overrides); PGD is the testbed's own attack
@@ -72,7 +75,8 @@ COMPARISONS["trojandam"] = Comparison(
     "local epochs, server lr 0.5; 150 rounds in which clients 0-9 attack whenever sampled (7 of 64 samples per "
     "batch poisoned, target 2), every malicious update projected to L2 norm 0.3 (the median benign norm). "
     "Defenses: FedAvg (unweighted), norm clipping at M = 0.3, Multi-Krum (f = 1, 5 selected), FLAME (lambda = "
-    "0.001), TrojanDam (norm clipping at 0.3 plus configs/fl/defenses/trojandam.yaml). Mean MA/BA: over the "
+    "0.001), TrojanDam (norm clipping at 0.3 plus configs/fl/defenses/trojandam.yaml; 'fresh mapping every round': "
+    "trojandam_fresh.yaml). Mean MA/BA: over the "
     "evaluations during the attack (every 10 rounds, 5,000 test images); malicious updates kept: the share of "
     "malicious updates the aggregator kept, over the rounds with one; OOD fit: TrojanDam's accuracy on its current "
     "mapping after injection. Mean ± standard error over seeds.",
