@@ -37,6 +37,14 @@ aggregates with FedAvg plus norm clipping, which the config sets as the aggregat
    with gradients projected onto the redundant units (every other entry is restored exactly after each step) and
    batch-norm statistics left unchanged (``bn_mode``).
 
+The paper's text past its abstract could not be read here, so each component a third-party summary names is
+ours (docs/trojandam.md): the "kernel-level gradient projection" is step 3's projection onto redundant kernels
+and rows; "BN-statistics handling" keeps the running statistics (``bn_mode``; the authors' BackdoorIndicator
+server restores them, ``replace_original_bn: True``); "flood data" is the OOD set; a "shadow" set is not
+implemented (its role is not stated anywhere we could read); how often a mapping is refreshed is ``period``,
+set to 10 because a mapping fresh every round is never fitted within the MA budget
+(scripts/probe_trojandam_mapping.py; ``configs/fl/defenses/trojandam_fresh.yaml`` is that regime).
+
 Logged per round: ``round/ood_loss``, ``round/ood_fit`` (the injected model's loss and accuracy on the current
 mapping) and ``round/ood_step_norm`` (L2 norm of the injection's change to the global model); NaN in rounds without
 injection.

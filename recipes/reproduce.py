@@ -212,8 +212,9 @@ def reproduce(
 ) -> str:
     """Run comparison ``name`` and write ``<out>/<name>.md`` and ``<out>/<name>.png``; return the table.
 
-    ``only`` keeps the stages whose key starts with one of its prefixes (e.g. ``mnist``); their table goes to
-    ``<out>/<name>-<prefixes>.md`` so a partial run never overwrites the full one.
+    ``only`` keeps the stages whose key starts with one of its prefixes (e.g. ``mnist``), or, for an entry that is a
+    whole stage key, that stage alone (``mnist/pgd/trojandam`` leaves out ``mnist/pgd/trojandam_fresh``); their
+    table goes to ``<out>/<name>-<prefixes>.md`` so a partial run never overwrites the full one.
     """
     load_comparisons()
     if name not in COMPARISONS:
@@ -222,7 +223,8 @@ def reproduce(
     if only:
         if isinstance(only, str):
             only = [only]
-        stages = [s for s in comp.stages if s.key.startswith(tuple(only))]
+        keys = {s.key for s in comp.stages}  # a whole stage key selects that stage alone, not its extensions
+        stages = [s for s in comp.stages if any(s.key == o if o in keys else s.key.startswith(o) for o in only)]
         if not stages:
             raise SystemExit(f"no stage of {name!r} starts with {only}: {[s.key for s in comp.stages]}")
         comp = replace(comp, stages=stages)
@@ -263,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="use the tiny twins in tests/configs (a smoke run)")
     parser.add_argument("--force", action="store_true", help="rerun stages that already have a result")
     parser.add_argument("--only", nargs="+", default=None,
-                        help="run only the stages whose key starts with one of these (e.g. mnist)")
+                        help="run only the stages whose key starts with one of these (e.g. mnist); a whole stage key "
+                             "selects that stage alone")
     args = parser.parse_args(argv)
     out = args.out if args.out is not None else args.root
     reproduce(args.name, args.seeds, args.root, out, args.tiny, args.force, args.only)

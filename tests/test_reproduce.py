@@ -53,3 +53,20 @@ def test_fl_attack_comparisons_keep_one_federation_across_run_seeds(tmp_path):
         for stage in COMPARISONS[name].stages:
             data_seeds = {_substitute(a, 1, tmp_path) for a in stage.overrides if a.startswith("--data.init_args.seed=")}
             assert data_seeds == {"--data.init_args.seed=0"}, (name, stage.key)
+
+
+def test_only_takes_prefixes_but_a_whole_stage_key_selects_that_stage_alone(tmp_path, monkeypatch):
+    from recipes import reproduce as R
+
+    ran = []
+    monkeypatch.setattr(R, "run_stage", lambda stage, *a: ran.append(stage.key) or {"metrics": {}, "seconds": 0.0})
+    stages = [Stage(k, "x.yaml") for k in ("a/x", "a/x_fresh", "a/y", "b/x")]
+    COMPARISONS["only-cmp"] = R.Comparison(title="t", stages=stages, columns={}, plot=lambda r, p: None)
+    try:
+        for only, expected in ((["a/x"], ["a/x"]), (["a/"], ["a/x", "a/x_fresh", "a/y"]),
+                               (["a/x_", "b"], ["a/x_fresh", "b/x"])):  # fmt: skip
+            ran.clear()
+            reproduce("only-cmp", seeds=[0], root=tmp_path, out=tmp_path, only=only)
+            assert ran == expected, only
+    finally:
+        COMPARISONS.pop("only-cmp", None)
