@@ -36,6 +36,7 @@ RUNS = {
     "ditto": [T / "fedselect/mnist_ditto.yaml"],
     "fedavg_ft": [T / "fedselect/mnist_fedavg_ft.yaml"],
     "trojandam": [T / "trojandam/mnist_continuous.yaml"],
+    "trojandam_testbed": [T / "trojandam/testbed.yaml", C / "fl/defenses/trojandam.yaml"],
     "tar": [T / "tar/smollm2_tar.yaml"],
     "tar_ga": [T / "tar/smollm2_gradient_ascent.yaml"],
     "tar_rm": [T / "tar/smollm2_random_mapping.yaml"],

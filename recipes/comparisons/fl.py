@@ -1,7 +1,8 @@
 """``python -m recipes.reproduce fl``: a naive federated backdoor (Gu et al. 2017 in FL, Bagdasaryan et al. 2020)
 against FedAvg and robust aggregators on MNIST, and the helpers every federated comparison shares: per-round
-MA/BA curves averaged over seeds (:func:`curves_plot`), the (attack, defense) overlay grid (:func:`fl_stages`) and
-the clean warm-up that attack studies start from (:func:`fl_warmup_stage`)."""
+MA/BA curves averaged over seeds (:func:`curves_plot`) and the (attack, defense) overlay grid (:func:`fl_stages`).
+Attack studies that start from a clean warm-up artifact share the Chameleon testbed's (stage
+``../chameleon/<dataset>/warmup``, as ``recipes/comparisons/trojandam.py`` does)."""
 
 from __future__ import annotations
 
@@ -69,14 +70,6 @@ def fl_stages(dataset: str, group: str, config: str, attacks: dict[str, str], de
 
 FL_COLUMNS = {"test/acc": "final MA (%)", "curve/ba_attack_end": "BA at attack end (%)",
                "curve/ba_peak": "peak BA (%)", "test/asr": "final BA (%)", "curve/lifespan": "lifespan (rounds)"}
-
-
-def fl_warmup_stage(dataset: str, data: list[str], rounds: int, group: str, label: str = "clean warm-up") -> Stage:
-    """The clean warm-up (configs/chameleon/mnist_normclip.yaml: norm clipping, no attack, ``rounds`` rounds) that
-    the trojandam comparison's attack runs start from, as ``{artifact:<dataset>/warmup}`` (the chameleon comparison
-    has its own, ``configs/chameleon/mnist_testbed_warmup.yaml``)."""
-    return Stage(f"{dataset}/warmup", "chameleon/mnist_normclip.yaml",
-                 ["--config=configs/fl/attacks/none.yaml", f"--trainer.max_steps={rounds}", *data], group, label)
 
 
 COMPARISONS["fl"] = Comparison(
