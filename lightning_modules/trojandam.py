@@ -40,7 +40,9 @@ aggregates with FedAvg plus norm clipping, which the config sets as the aggregat
 The paper's text past its abstract could not be read here, so each component a third-party summary names is
 ours (docs/trojandam.md): the "kernel-level gradient projection" is step 3's projection onto redundant kernels
 and rows; "BN-statistics handling" keeps the running statistics (``bn_mode``; the authors' BackdoorIndicator
-server restores them, ``replace_original_bn: True``); "flood data" is the OOD set; a "shadow" set is not
+server restores them: ybdai7/Backdoor-indicator-defense@04dec87, utils/yamls/indicator/params_pgd_Indicator.yaml
+``replace_original_bn: True``, participants/servers/IndicatorServer.py ``self.global_model.state_dict()[key].
+copy_(before_wm_injection_bn_stats_dict[key])``); "flood data" is the OOD set; a "shadow" set is not
 implemented (its role is not stated anywhere we could read); how often a mapping is refreshed is ``period``,
 set to 10 because a mapping fresh every round is never fitted within the MA budget
 (scripts/probe_trojandam_mapping.py; ``configs/fl/defenses/trojandam_fresh.yaml`` is that regime).
@@ -89,7 +91,8 @@ class TrojanDam(ServerDefense):
             image's new label differs from its previous one).
         steps: SGD steps per injection.
         batch_size: OOD images per step.
-        lr: injection learning rate ("small": BackdoorIndicator's ``global_lr`` is 8e-4 on CIFAR ResNet-18).
+        lr: injection learning rate ("small": BackdoorIndicator's ``global_lr`` is 0.0005-0.005 by attack,
+            e.g. ``global_lr: 0.001`` in utils/yamls/indicator/params_pgd_Indicator.yaml at 04dec87).
         momentum: SGD momentum of the injection (its state is not kept across rounds).
         redundant_fraction: share of each layer's units counted as redundant, in ``[0, 1]``.
         importance: ``clean_gradient`` (``|gradient|`` on the server's clean set), ``update`` (moving average
@@ -156,15 +159,7 @@ class TrojanDam(ServerDefense):
         """Set the scores to ``|Σ_b ∇ CE|`` of ``net`` on the clean set ``(x, y)`` in batches of ``batch_size``
         (train mode, as the official estimator; buffers restored, so BatchNorm statistics do not move)."""
         device = next(net.parameters()).device
-        buffers = [b.detach().clone() for b in net.buffers()]
-        was_training = net.training
-        net.train()
-        with torch.enable_grad():
-            grad = Neurotoxin.clean_gradient(net, [(x.to(device), y.to(device))], self.batch_size, mean=True)
-        with torch.no_grad():
-            for b, saved in zip(net.buffers(), buffers):
-                b.copy_(saved)
-        net.train(was_training)
+        grad = Neurotoxin.train_mode_gradient(net, [(x.to(device), y.to(device))], self.batch_size)
         named = list(net.named_parameters())
         for (name, p), part in zip(named, grad.split([p.numel() for _, p in named])):
             self.scores[name] = part.abs().view_as(p)

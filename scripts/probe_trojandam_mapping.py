@@ -54,9 +54,10 @@ def main() -> None:
         net.load_state_dict(weights)
         start_ma = accuracy(net, x_test, y_test)
         defense = TrojanDam(pool_size=pool, period=period, steps=steps, lr=lr, redundant_fraction=args.redundant)
+        fits, mas = [], []
         recipe = SimpleNamespace(net=net, trainer=SimpleNamespace(datamodule=dm), seed=0, last_server_update=None,
                                  log_dict=lambda stats, **_: fits.append(stats["round/ood_fit"]))  # fmt: skip
-        fits, mas, began = [], [], time.perf_counter()
+        began = time.perf_counter()
         for round in range(args.refreshes):
             defense.after_aggregation(recipe, round)
             mas.append(accuracy(net, x_test, y_test))

@@ -6,8 +6,8 @@ configs/fl/defenses/trojandam.yaml run through the CLI in tests/test_configs.py.
 from __future__ import annotations
 
 import pytest
-import yaml
 import torch
+import yaml
 from torch import nn
 
 from lightning_modules.federated import NormClipping
@@ -185,7 +185,8 @@ def test_hook_in_a_federated_round_moves_only_redundant_entries():
     dm = make_dm()
     plain = make_recipe(aggregator=NormClipping(1.0))
     fit(plain, dm, 1)
-    defense = TrojanDam(ood_source="noise", pool_size=64, steps=3, lr=0.05, redundant_fraction=0.5, importance="update")
+    defense = TrojanDam(ood_source="noise", pool_size=64, steps=3, lr=0.05, redundant_fraction=0.5,
+                        importance="update")
     defended = make_recipe(aggregator=NormClipping(1.0), server_defense_hooks=[defense])
     fit(defended, dm, 1)
     masks = defense.masks(plain.net)  # the masks of round 0: scores = |server step|, the same in both runs

@@ -338,6 +338,21 @@ class Neurotoxin(PGDPoisoning):
         model.zero_grad(set_to_none=True)
         return grad
 
+    @staticmethod
+    def train_mode_gradient(model: nn.Module, data: list[tuple[Tensor, Tensor]], batch_size: int) -> Tensor:
+        """:meth:`clean_gradient` with batch-mean losses in train mode, as the official mask (``model.train()``),
+        with the buffers restored afterwards so BatchNorm statistics do not move."""
+        buffers = [b.detach().clone() for b in model.buffers()]
+        was_training = model.training
+        model.train()
+        with torch.enable_grad():
+            grad = Neurotoxin.clean_gradient(model, data, batch_size, mean=True)
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+        model.train(was_training)
+        return grad
+
     def benign_estimate(self, model: nn.Module, x: Tensor, y: Tensor, ctx: ClientContext) -> Tensor:
         if self.mask_source == "previous_round" and ctx.last_server_update is not None:
             return ctx.last_server_update
@@ -347,16 +362,8 @@ class Neurotoxin(PGDPoisoning):
         pool = [c for c in range(dm.num_clients) if c not in set(self.malicious_clients)]
         g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=ctx.generator)))
         chosen = [pool[i] for i in torch.randperm(len(pool), generator=g)[: self.mask_clients].tolist()]
-        buffers = [b.detach().clone() for b in model.buffers()]
-        was_training = model.training
-        model.train()
         data = [tuple(t.to(device) for t in dm.client_data(c)) for c in chosen]
-        grad = self.clean_gradient(model, data, ctx.local.batch_size, mean=True)
-        with torch.no_grad():
-            for b, saved in zip(model.buffers(), buffers):
-                b.copy_(saved)
-        model.train(was_training)
-        return grad
+        return self.train_mode_gradient(model, data, ctx.local.batch_size)
 
     def constraint(self, model, x, y, ctx):
         keep = neurotoxin_mask(self.benign_estimate(model, x, y, ctx), self.keep_ratio)

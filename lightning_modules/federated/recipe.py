@@ -351,8 +351,9 @@ class FederatedRecipe(BaseRecipe):
                  "round/benign_lr": self.benign_lr(round)}  # fmt: skip
         # Every key every round (NaN where undefined): Lightning would otherwise repeat a stale value.
         nan = float("nan")
-        stats["round/update_norm_mean"] = float(norms[ok & ~mal].mean()) if (ok & ~mal).any() else nan
-        stats["round/update_norm_median"] = float(norms[ok & ~mal].median()) if (ok & ~mal).any() else nan
+        benign = norms[ok & ~mal]
+        stats["round/update_norm_mean"] = float(benign.mean()) if len(benign) else nan
+        stats["round/update_norm_median"] = float(benign.median()) if len(benign) else nan
         stats["round/malicious_norm"] = float(norms[ok & mal].mean()) if (ok & mal).any() else nan
         admitted = mal[out["admitted"]].sum() / (ok & mal).sum() if (ok & mal).any() else nan
         stats["round/malicious_admitted"] = float(admitted)
