@@ -147,6 +147,17 @@ class RecipeCLI(LightningCLI):
         return install_progress(trainer)  # plain lines when stdout is not a terminal; final metrics table
 
 
+def close_process_group() -> None:
+    """Closes the process group a multi-process run opened, after a barrier so that no rank closes its gloo
+    connections while a peer still reads from them. Left to interpreter shutdown, the group's threads can abort a
+    run that succeeded (SIGABRT, ``terminate called without an active exception``)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(args: ArgsType = None, run: bool = True) -> RecipeCLI:
     """Entry point; ``main(["fit", "--config", path])`` runs from Python (tests, the reproduce runner)."""
     check_renamed_keys(args)

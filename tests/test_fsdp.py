@@ -75,6 +75,7 @@ def _worker(rank: int, port: int) -> None:
             out.float().pow(2).mean().backward()  # gathers and reshards each block, recomputing if checkpointed
             shards = [p for p in wrapped.parameters() if p.grad is not None]
             assert shards and all(torch.isfinite(p.grad).all() for p in shards)
+        dist.barrier()  # no rank closes its connections while the other still uses them
     finally:
         dist.destroy_process_group()
 
