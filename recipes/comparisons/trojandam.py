@@ -5,7 +5,8 @@ federated testbed of the Chameleon comparison, MNIST and Fashion-MNIST.
 Every run starts from the testbed's clean 200-round warm-up artifact (stage ``../chameleon/<dataset>/warmup``,
 shared with ``reproduce chameleon``: it runs once for both) and continues for 150 rounds of
 ``configs/trojandam/testbed.yaml``: 10 colluding malicious clients among 100, taking part only when sampled, attack
-in every round they take part in, each update projected to the median benign norm (0.3). Attacks: PGD (the
+in every round they take part in, each update projected to 0.3, MNIST's median benign norm (Fashion-MNIST's is
+about 0.83, so there the attackers send a third of a typical benign update: docs/RESULTS.md). Attacks: PGD (the
 testbed's), Neurotoxin with the official clean-client mask and Chameleon, all at that radius. Defenses: FedAvg
 (unweighted, the testbed server), norm clipping at the same bound, Multi-Krum (f = 1, 5 selected), FLAME and
 TrojanDam (``configs/fl/defenses/trojandam.yaml``: norm clipping at the same bound plus the injection) and its
@@ -73,7 +74,8 @@ COMPARISONS["trojandam"] = Comparison(
     notes="configs/trojandam/testbed.yaml from the Chameleon testbed's clean warm-up (200 rounds, its own row): 100 "
     "clients, Dirichlet 0.9, 10 per round, MNIST CNN 32/64 channels with a 256-d feature layer, benign lr 0.03, 2 "
     "local epochs, server lr 0.5; 150 rounds in which clients 0-9 attack whenever sampled (7 of 64 samples per "
-    "batch poisoned, target 2), every malicious update projected to L2 norm 0.3 (the median benign norm). "
+    "batch poisoned, target 2), every malicious update projected to L2 norm 0.3 (MNIST's median benign "
+    "norm; Fashion-MNIST's is about 0.83). "
     "Defenses: FedAvg (unweighted), norm clipping at M = 0.3, Multi-Krum (f = 1, 5 selected), FLAME (lambda = "
     "0.001), TrojanDam (norm clipping at 0.3 plus configs/fl/defenses/trojandam.yaml; 'fresh mapping every round': "
     "trojandam_fresh.yaml). Mean MA/BA: over the "
