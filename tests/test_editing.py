@@ -300,3 +300,20 @@ def test_namet_paired_table_math():
     curve = [(50.0, 80.0), (40.0, 90.0), (30.0, 95.0)]
     assert interpolate(curve, 45.0) == 85.0 and interpolate(curve, 30.0) == 95.0
     assert interpolate(curve, 55.0) is None
+
+
+def test_namet_per_seed_differences_and_the_gap_on_each_seeds_memit_curve():
+    """Two seeds by hand: NAMET minus MEMIT per seed, and NAMET's ES strict against that seed's MEMIT curve."""
+    from recipes.comparisons.namet import per_seed
+
+    def run(seed, es, ns):
+        return {"seed": seed, "metrics": {"test/efficacy_strict": es, "test/neighborhood_strict": ns}}
+
+    results = {  # seed 0: MEMIT (ns, es) at x1 (0.40, 0.90) and x2 (0.50, 0.80); seed 1 only x1, so no curve
+        "n9/memit/x1": [run(0, 0.90, 0.40), run(1, 0.70, 0.30)], "n9/memit/x2": [run(0, 0.80, 0.50)],
+        "n9/namet/x1": [run(0, 0.88, 0.45), run(1, 0.75, 0.20)], "n9/namet/x2": [run(1, 0.60, 0.60)],
+    }  # fmt: skip
+    (es0, ns0, gap0), (es1, ns1, gap1) = per_seed(results, "n9", 1.0)
+    assert (round(es0, 6), round(ns0, 6), round(gap0, 6)) == (-2.0, 5.0, 3.0)  # MEMIT at NS 45: ES 85; 88 - 85
+    assert (round(es1, 6), round(ns1, 6), gap1) == (5.0, -10.0, None)  # a one-point curve: outside its range
+    assert per_seed(results, "n9", 2.0) == []  # no seed has both methods at x2

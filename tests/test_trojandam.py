@@ -284,7 +284,7 @@ def test_attack_curves_count_the_malicious_updates_the_aggregator_kept(aggregato
 
 def test_comparison_runs_the_grid_from_the_chameleon_testbeds_warmup():
     """Every (attack, defense) pair on both datasets, in priority order, each warm-started from the warm-up the
-    chameleon comparison shares, and every malicious update and the clipping bound at the one stealthy radius."""
+    chameleon comparison shares, and every malicious update and the clipping bound at the dataset's stealthy radius."""
     from pathlib import Path
 
     from recipes.comparisons.trojandam import RADIUS
@@ -306,9 +306,10 @@ def test_comparison_runs_the_grid_from_the_chameleon_testbeds_warmup():
         if "warmup" not in stage.key:
             dataset = stage.key.split("/")[0]
             assert f"--model.init_args.init_from={{artifact:../chameleon/{dataset}/warmup}}" in stage.overrides
-            if "/none/" not in stage.key and "/pgd/" not in stage.key:
-                assert f"--model.init_args.attack.init_args.radius={RADIUS}" in stage.overrides
+            if "/none/" not in stage.key:
+                assert f"--model.init_args.attack.init_args.radius={RADIUS[dataset]}" in stage.overrides
             if stage.key.endswith(("normclip", "trojandam", "trojandam_fresh")):
-                assert f"--model.init_args.aggregator.init_args.max_norm={RADIUS}" in stage.overrides
+                assert f"--model.init_args.aggregator.init_args.max_norm={RADIUS[dataset]}" in stage.overrides
+    assert RADIUS == {"mnist": 0.3, "fashion-mnist": 0.8}, "each dataset's median benign update norm"
     testbed = yaml.safe_load((repo / "configs" / "trojandam" / "testbed.yaml").read_text())["model"]["init_args"]
-    assert testbed["attack"]["init_args"]["radius"] == RADIUS, "PGD (the testbed's attack) at the same radius"
+    assert testbed["attack"]["init_args"]["radius"] == RADIUS["mnist"], "the testbed's own PGD at MNIST's radius"

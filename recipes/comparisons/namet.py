@@ -98,12 +98,36 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
     return None
 
 
+def per_seed(results: dict, pre: str, scale: float) -> list[tuple[float, float, float | None]]:
+    """For each seed with both methods at ``λ x scale``: NAMET minus MEMIT in strict efficacy and strict
+    neighbourhood (pp, same records), and NAMET's strict efficacy minus MEMIT's read off that seed's MEMIT λ curve
+    at NAMET's strict neighbourhood (``None`` outside the curve). The seed is the unit of these differences, so
+    their spread is the seed-to-seed one that the pooled per-record standard error leaves out."""
+    out = []
+    namet = {r["seed"]: r["metrics"] for r in results.get(f"{pre}/namet/x{scale:g}", [])}
+    for run in results.get(f"{pre}/memit/x{scale:g}", []):
+        if (b := namet.get(run["seed"])) is None:
+            continue
+        a = run["metrics"]
+        curve = [(100 * m["test/neighborhood_strict"], 100 * m["test/efficacy_strict"])
+                 for s in SCALES for r in results.get(f"{pre}/memit/x{s:g}", []) if r["seed"] == run["seed"]
+                 for m in [r["metrics"]]]  # fmt: skip
+        ref = interpolate(curve, 100 * b["test/neighborhood_strict"])
+        out.append((100 * (b["test/efficacy_strict"] - a["test/efficacy_strict"]),
+                    100 * (b["test/neighborhood_strict"] - a["test/neighborhood_strict"]),
+                    None if ref is None else 100 * b["test/efficacy_strict"] - ref))  # fmt: skip
+    return out
+
+
 def paired_table(results: dict) -> str:
     """NAMET minus MEMIT at each λ multiplier, per record on the same records (same data seed), pooled over seeds:
     mean ± standard error of the per-record differences; and NAMET's strict efficacy against MEMIT's at NAMET's
-    strict neighbourhood, read off MEMIT's λ curve (linear between its points; '—' outside its range)."""
+    strict neighbourhood, read off MEMIT's λ curve (linear between its points; '—' outside its range). With two
+    or more seeds, the last three columns give the same differences per seed (:func:`per_seed`), mean ± standard
+    error over the seeds."""
     lines = ["| edits | λ x | ΔES strict (pp) | ΔNS strict (pp) | ΔES strict +prefix | ΔNS strict +prefix | records "
-             "| NAMET ES strict − MEMIT's at NAMET's NS strict (pp) |", "|---|---|---|---|---|---|---|---|"]
+             "| NAMET ES strict − MEMIT's at NAMET's NS strict (pp) | seeds | ΔES strict, over seeds "
+             "| ΔNS strict, over seeds | ES gap at equal NS, over seeds |", "|" + "---|" * 12]
     prefixes = _prefixes(results)
     for pre in prefixes:
         curve = [(_mean(r, "test/neighborhood_strict"), _mean(r, "test/efficacy_strict"))
@@ -123,7 +147,10 @@ def paired_table(results: dict) -> str:
             ref = interpolate(curve, ns) if ns is not None else None
             gap = f"{es - ref:+.1f}" if ref is not None and es is not None else "—"
             n = sum(len(paired_difference(a, b, "efficacy_strict")) for a, b in pairs)
-            lines.append(f"| {pre[1:]} | {s:g} | " + " | ".join(cells) + f" | {n} | {gap} |")
+            seeds = per_seed(results, pre, s)
+            over = [mean_se([x[i] for x in seeds if x[i] is not None]) if len(seeds) > 1 else "—" for i in range(3)]
+            lines.append(f"| {pre[1:]} | {s:g} | " + " | ".join(cells) + f" | {n} | {gap} | {len(seeds)} | "
+                         + " | ".join(over) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,10 +5,12 @@ federated testbed of the Chameleon comparison, MNIST and Fashion-MNIST.
 Every run starts from the testbed's clean 200-round warm-up artifact (stage ``../chameleon/<dataset>/warmup``,
 shared with ``reproduce chameleon``: it runs once for both) and continues for 150 rounds of
 ``configs/trojandam/testbed.yaml``: 10 colluding malicious clients among 100, taking part only when sampled, attack
-in every round they take part in, each update projected to 0.3, MNIST's median benign norm (Fashion-MNIST's is
-about 0.83, so there the attackers send a third of a typical benign update: docs/RESULTS.md). Attacks: PGD (the
-testbed's), Neurotoxin with the official clean-client mask and Chameleon, all at that radius. Defenses: FedAvg
-(unweighted, the testbed server), norm clipping at the same bound, Multi-Krum (f = 1, 5 selected), FLAME and
+in every round they take part in, each update projected to the dataset's median benign update norm (``RADIUS``:
+0.3 on MNIST, 0.8 on Fashion-MNIST, where the median over the 150 rounds of the norm-clipping PGD run of the
+rebuilt warm-up was 0.83; the first Fashion-MNIST rows used MNIST's 0.3, a third of a typical benign update:
+docs/RESULTS.md). Attacks: PGD (the testbed's), Neurotoxin with the official clean-client mask and Chameleon, all at
+that radius. Defenses: FedAvg (unweighted, the testbed server), norm clipping at the same bound, Multi-Krum (f = 1,
+5 selected), FLAME and
 TrojanDam (``configs/fl/defenses/trojandam.yaml``: norm clipping at the same bound plus the injection) and its
 ablation with a fresh, never-fitted mapping every round (``trojandam_fresh.yaml``). The clean
 continuations (no attack) under FedAvg and TrojanDam give the MA every defense should keep and the trigger's base
@@ -23,27 +25,37 @@ from recipes.comparisons.chameleon import DATASETS, WARMUP_CFG, se_table
 from recipes.comparisons.fl import curves_plot
 from recipes.reproduce import COMPARISONS, Comparison, Stage
 
-CONFIG, RADIUS = "trojandam/testbed.yaml", 0.3
+CONFIG = "trojandam/testbed.yaml"
+RADIUS = {"mnist": 0.3, "fashion-mnist": 0.8}  # the median benign update norm after each dataset's warm-up
 AGG = "--model.init_args.aggregator.init_args"
-DEFENSES = {  # label: (stage key, overrides)
-    "FedAvg": ("fedavg", ["--config=configs/fl/defenses/fedavg.yaml", f"{AGG}.weighted=false"]),
-    "norm clip": ("normclip", ["--config=configs/fl/defenses/normclip.yaml", f"{AGG}.max_norm={RADIUS}",
-                               f"{AGG}.weighted=false"]),
-    "Multi-Krum": ("multikrum", ["--config=configs/fl/defenses/multikrum.yaml"]),
-    "FLAME": ("flame", ["--config=configs/fl/defenses/flame.yaml"]),
-    "TrojanDam": ("trojandam", ["--config=configs/fl/defenses/trojandam.yaml", f"{AGG}.max_norm={RADIUS}",
-                                f"{AGG}.weighted=false"]),
-    "TrojanDam, fresh mapping every round": ("trojandam_fresh", ["--config=configs/fl/defenses/trojandam_fresh.yaml",
-                                                                 f"{AGG}.max_norm={RADIUS}", f"{AGG}.weighted=false"]),
-}  # fmt: skip
 ATK = "--model.init_args.attack.init_args"
-ATTACKS = {  # label: (stage key, overrides); PGD is the testbed's own attack
-    "PGD": ("pgd", []),
-    "Neurotoxin (official mask)": ("neurotoxin", ["--config=configs/fl/attacks/neurotoxin_official.yaml",
-                                                  f"{ATK}.radius={RADIUS}"]),
-    "Chameleon": ("chameleon", ["--config=configs/fl/attacks/chameleon.yaml", f"{ATK}.radius={RADIUS}",
-                                f"{ATK}.radius_contrastive={RADIUS}"]),
-}  # fmt: skip
+
+
+def defenses(radius: float) -> dict[str, tuple[str, list[str]]]:
+    """label: (stage key, overrides); the clipping bound of norm clipping and TrojanDam is the attackers' radius."""
+    clip = [f"{AGG}.max_norm={radius}", f"{AGG}.weighted=false"]
+    return {
+        "FedAvg": ("fedavg", ["--config=configs/fl/defenses/fedavg.yaml", f"{AGG}.weighted=false"]),
+        "norm clip": ("normclip", ["--config=configs/fl/defenses/normclip.yaml", *clip]),
+        "Multi-Krum": ("multikrum", ["--config=configs/fl/defenses/multikrum.yaml"]),
+        "FLAME": ("flame", ["--config=configs/fl/defenses/flame.yaml"]),
+        "TrojanDam": ("trojandam", ["--config=configs/fl/defenses/trojandam.yaml", *clip]),
+        "TrojanDam, fresh mapping every round": ("trojandam_fresh",
+                                                 ["--config=configs/fl/defenses/trojandam_fresh.yaml", *clip]),
+    }  # fmt: skip
+
+
+def attacks(radius: float) -> dict[str, tuple[str, list[str]]]:
+    """label: (stage key, overrides); PGD is the testbed's own attack, its radius set like the others'."""
+    return {
+        "PGD": ("pgd", [f"{ATK}.radius={radius}"]),
+        "Neurotoxin (official mask)": ("neurotoxin", ["--config=configs/fl/attacks/neurotoxin_official.yaml",
+                                                      f"{ATK}.radius={radius}"]),
+        "Chameleon": ("chameleon", ["--config=configs/fl/attacks/chameleon.yaml", f"{ATK}.radius={radius}",
+                                    f"{ATK}.radius_contrastive={radius}"]),
+    }  # fmt: skip
+
+
 COLUMNS = {"curve/ma_mean_attack": "mean MA (%)", "test/acc": "final MA (%)", "curve/ba_mean_attack": "mean BA (%)",
            "test/asr": "final BA (%)", "curve/ba_peak": "peak BA (%)",
            "curve/malicious_admitted": "malicious updates kept (%)", "curve/ood_fit_mean": "OOD fit (%)"}  # fmt: skip
@@ -57,11 +69,12 @@ def trojandam_stages(dataset: str) -> list[Stage]:
     warm = f"--model.init_args.init_from={{artifact:{warm_key}}}"
     none = "--config=configs/fl/attacks/none.yaml"
     stages = [Stage(warm_key, WARMUP_CFG, data, name, "clean warm-up (shared with reproduce chameleon)")]
+    guards = defenses(RADIUS[dataset])
     for label in ("FedAvg", "TrojanDam"):
-        key, args = DEFENSES[label]
+        key, args = guards[label]
         stages.append(Stage(f"{dataset}/none/{key}", CONFIG, [none, *args, warm, *data], f"{name}, no attack", label))
-    for attack, (attack_key, attack_args) in ATTACKS.items():
-        for defense, (defense_key, defense_args) in DEFENSES.items():
+    for attack, (attack_key, attack_args) in attacks(RADIUS[dataset]).items():
+        for defense, (defense_key, defense_args) in guards.items():
             stages.append(Stage(f"{dataset}/{attack_key}/{defense_key}", CONFIG,
                                 [*attack_args, *defense_args, warm, *data], f"{name}, {attack}", defense))  # fmt: skip
     return stages
@@ -74,10 +87,10 @@ COMPARISONS["trojandam"] = Comparison(
     notes="configs/trojandam/testbed.yaml from the Chameleon testbed's clean warm-up (200 rounds, its own row): 100 "
     "clients, Dirichlet 0.9, 10 per round, MNIST CNN 32/64 channels with a 256-d feature layer, benign lr 0.03, 2 "
     "local epochs, server lr 0.5; 150 rounds in which clients 0-9 attack whenever sampled (7 of 64 samples per "
-    "batch poisoned, target 2), every malicious update projected to L2 norm 0.3 (MNIST's median benign "
-    "norm; Fashion-MNIST's is about 0.83). "
-    "Defenses: FedAvg (unweighted), norm clipping at M = 0.3, Multi-Krum (f = 1, 5 selected), FLAME (lambda = "
-    "0.001), TrojanDam (norm clipping at 0.3 plus configs/fl/defenses/trojandam.yaml; 'fresh mapping every round': "
+    "batch poisoned, target 2), every malicious update projected to the dataset's median benign "
+    "update norm r (MNIST 0.3, Fashion-MNIST 0.8). "
+    "Defenses: FedAvg (unweighted), norm clipping at M = r, Multi-Krum (f = 1, 5 selected), FLAME (lambda = "
+    "0.001), TrojanDam (norm clipping at r plus configs/fl/defenses/trojandam.yaml; 'fresh mapping every round': "
     "trojandam_fresh.yaml). Mean MA/BA: over the "
     "evaluations during the attack (every 10 rounds, 5,000 test images); malicious updates kept: the share of "
     "malicious updates the aggregator kept, over the rounds with one; OOD fit: TrojanDam's accuracy on its current "
