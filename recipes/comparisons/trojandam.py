@@ -10,9 +10,8 @@ in every round they take part in, each update projected to the dataset's median 
 rebuilt warm-up was 0.83; the first Fashion-MNIST rows used MNIST's 0.3, a third of a typical benign update:
 docs/RESULTS.md). Attacks: PGD (the testbed's), Neurotoxin with the official clean-client mask and Chameleon, all at
 that radius. Defenses: FedAvg (unweighted, the testbed server), norm clipping at the same bound, Multi-Krum (f = 1,
-5 selected), FLAME and
-TrojanDam (``configs/fl/defenses/trojandam.yaml``: norm clipping at the same bound plus the injection) and its
-ablation with a fresh, never-fitted mapping every round (``trojandam_fresh.yaml``). The clean
+5 selected), FLAME and TrojanDam (``configs/fl/defenses/trojandam.yaml``: norm clipping at the same bound plus the
+injection) and its ablation with a fresh, never-fitted mapping every round (``trojandam_fresh.yaml``). The clean
 continuations (no attack) under FedAvg and TrojanDam give the MA every defense should keep and the trigger's base
 rate. The federation is drawn with data seed 0 for every run seed (the malicious clients' data stay the same); the
 run seed draws the client sampling and the SGD noise. Stages are ordered by priority (MNIST PGD, Neurotoxin, then
