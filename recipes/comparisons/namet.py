@@ -103,15 +103,14 @@ def per_seed(results: dict, pre: str, scale: float) -> list[tuple[float, float, 
     neighbourhood (pp, same records), and NAMET's strict efficacy minus MEMIT's read off that seed's MEMIT λ curve
     at NAMET's strict neighbourhood (``None`` outside the curve). The seed is the unit of these differences, so
     their spread is the seed-to-seed one that the pooled per-record standard error leaves out."""
+    memit = {s: {r["seed"]: r["metrics"] for r in results.get(f"{pre}/memit/x{s:g}", [])} for s in SCALES}
     out = []
-    namet = {r["seed"]: r["metrics"] for r in results.get(f"{pre}/namet/x{scale:g}", [])}
-    for run in results.get(f"{pre}/memit/x{scale:g}", []):
-        if (b := namet.get(run["seed"])) is None:
+    for run in results.get(f"{pre}/namet/x{scale:g}", []):
+        seed, b = run["seed"], run["metrics"]
+        if (a := memit.get(scale, {}).get(seed)) is None:
             continue
-        a = run["metrics"]
         curve = [(100 * m["test/neighborhood_strict"], 100 * m["test/efficacy_strict"])
-                 for s in SCALES for r in results.get(f"{pre}/memit/x{s:g}", []) if r["seed"] == run["seed"]
-                 for m in [r["metrics"]]]  # fmt: skip
+                 for by_seed in memit.values() if (m := by_seed.get(seed))]  # fmt: skip
         ref = interpolate(curve, 100 * b["test/neighborhood_strict"])
         out.append((100 * (b["test/efficacy_strict"] - a["test/efficacy_strict"]),
                     100 * (b["test/neighborhood_strict"] - a["test/neighborhood_strict"]),
