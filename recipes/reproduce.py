@@ -209,12 +209,15 @@ def reproduce(
     tiny: bool = False,
     force: bool = False,
     only: list[str] | None = None,
+    cached: bool = False,
 ) -> str:
     """Run comparison ``name`` and write ``<out>/<name>.md`` and ``<out>/<name>.png``; return the table.
 
     ``only`` keeps the stages whose key starts with one of its prefixes (e.g. ``mnist``), or, for an entry that is a
     whole stage key, that stage alone (``mnist/pgd/trojandam`` leaves out ``mnist/pgd/trojandam_fresh``); their
-    table goes to ``<out>/<name>-<prefixes>.md`` so a partial run never overwrites the full one.
+    table goes to ``<out>/<name>-<prefixes>.md`` so a partial run never overwrites the full one. ``cached`` runs
+    nothing: the table and plot are made from the results already under ``root`` (a stage and seed without one is
+    reported and left out), e.g. to tabulate runs made on other machines or by several ``--only`` calls.
     """
     load_comparisons()
     if name not in COMPARISONS:
@@ -238,14 +241,19 @@ def reproduce(
     start = time.perf_counter()
     for seed in seeds:
         for stage in comp.stages:
+            if cached and not (_stage_dir(root, stage.key) / f"seed{seed}" / "result.json").exists():
+                print(f"[reproduce {name}] seed {seed}: {stage.key}: no result (left out: --cached)", flush=True)
+                continue
             print(f"[reproduce {name}] seed {seed}: {stage.key}", flush=True)
             results.setdefault(stage.key, []).append(run_stage(stage, seed, root, config_root, force))
+    if not results:
+        raise SystemExit(f"--cached: no stage of {name!r} has a result under {root} for seeds {seeds}")
     total = time.perf_counter() - start
     table = (comp.table or summarize)(comp, results)
     out.mkdir(parents=True, exist_ok=True)
     doc = (
         f"# {comp.title}\n\n`python -m recipes.reproduce {name}`{' --tiny' if tiny else ''}"
-        f"{' --only ' + ' '.join(only) if only else ''}, seeds {seeds}; "
+        f"{' --only ' + ' '.join(only) if only else ''}{' --cached' if cached else ''}, seeds {seeds}; "
         f"this invocation took {total:.0f} s (cached stages count as 0).\n\n{table}\n\n{comp.notes}\n\n![{name}]({name}.png)\n"
     )
     atomic_write_text(out / f"{name_out}.md", doc.replace(f"]({name}.png)", f"]({name_out}.png)"))
@@ -264,12 +272,16 @@ def main(argv: list[str] | None = None) -> int:
                              "`--out docs/results` refreshes the committed results)")
     parser.add_argument("--tiny", action="store_true", help="use the tiny twins in tests/configs (a smoke run)")
     parser.add_argument("--force", action="store_true", help="rerun stages that already have a result")
+    parser.add_argument("--cached", action="store_true",
+                        help="run nothing: tabulate and plot the results already under --root (missing ones are left out)")
     parser.add_argument("--only", nargs="+", default=None,
                         help="run only the stages whose key starts with one of these (e.g. mnist); a whole stage key "
                              "selects that stage alone")
     args = parser.parse_args(argv)
     out = args.out if args.out is not None else args.root
-    reproduce(args.name, args.seeds, args.root, out, args.tiny, args.force, args.only)
+    if args.cached and args.force:
+        parser.error("--cached runs nothing and --force reruns every stage: pass one of them")
+    reproduce(args.name, args.seeds, args.root, out, args.tiny, args.force, args.only, args.cached)
     return 0
 
 

@@ -70,3 +70,36 @@ def test_only_takes_prefixes_but_a_whole_stage_key_selects_that_stage_alone(tmp_
             assert ran == expected, only
     finally:
         COMPARISONS.pop("only-cmp", None)
+
+
+def test_cached_tabulates_the_results_on_disk_and_runs_nothing(tmp_path, monkeypatch):
+    """``--cached``: the stages and seeds with a result.json enter the table, the others none, and nothing runs."""
+    import json
+
+    import pytest
+
+    from recipes import reproduce as R
+
+    def fail(*a, **k):
+        raise AssertionError("--cached must not run a stage")
+
+    stages = [Stage(k, "x.yaml", label=k) for k in ("a", "b", "c")]
+    COMPARISONS["cached-cmp"] = R.Comparison(title="t", stages=stages, columns={"test/acc": "acc"},
+                                             plot=lambda r, p: None)  # fmt: skip
+    try:
+        for key, seed, acc in (("a", 0, 0.5), ("a", 1, 0.7), ("b", 1, 0.9)):
+            run = tmp_path / "cached-cmp" / key / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / "result.json").write_text(json.dumps({"metrics": {"test/acc": acc}, "seconds": 1.0}))
+        monkeypatch.setattr(R.shutil, "rmtree", fail)
+        monkeypatch.setattr("recipes.cli.main", fail)
+        table = reproduce("cached-cmp", seeds=[0, 1], root=tmp_path, out=tmp_path, cached=True)
+        rows = {line.split("|")[2].strip(): line for line in table.splitlines() if line.count("|") > 3}
+        assert "60.0" in rows["a"] and "| 2 |" in rows["a"]  # mean of seeds 0 and 1
+        assert "90.0" in rows["b"] and "| 1 |" in rows["b"]
+        assert "| 0 |" in rows["c"]  # listed, with no seed
+        assert "--cached" in (tmp_path / "cached-cmp.md").read_text()
+        with pytest.raises(SystemExit, match="no stage"):
+            reproduce("cached-cmp", seeds=[5], root=tmp_path, out=tmp_path, cached=True)
+    finally:
+        COMPARISONS.pop("cached-cmp", None)
