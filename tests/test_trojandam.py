@@ -308,7 +308,7 @@ def test_comparison_runs_the_grid_from_the_chameleon_testbeds_warmup():
             assert f"--model.init_args.init_from={{artifact:../chameleon/{dataset}/warmup}}" in stage.overrides
             if "/none/" not in stage.key:
                 assert f"--model.init_args.attack.init_args.radius={RADIUS[dataset]}" in stage.overrides
-            if stage.key.endswith(("normclip", "trojandam", "trojandam_fresh")):
+            if stage.key.endswith(("normclip", "trojandam", "trojandam_fresh", "trojandam_fresh128")):
                 assert f"--model.init_args.aggregator.init_args.max_norm={RADIUS[dataset]}" in stage.overrides
     assert RADIUS == {"mnist": 0.3, "fashion-mnist": 0.8}, "each dataset's median benign update norm"
     testbed = yaml.safe_load((repo / "configs" / "trojandam" / "testbed.yaml").read_text())["model"]["init_args"]

@@ -11,7 +11,9 @@ rebuilt warm-up was 0.83; the first Fashion-MNIST rows used MNIST's 0.3, a third
 docs/RESULTS.md). Attacks: PGD (the testbed's), Neurotoxin with the official clean-client mask and Chameleon, all at
 that radius. Defenses: FedAvg (unweighted, the testbed server), norm clipping at the same bound, Multi-Krum (f = 1,
 5 selected), FLAME and TrojanDam (``configs/fl/defenses/trojandam.yaml``: norm clipping at the same bound plus the
-injection) and its ablation with a fresh, never-fitted mapping every round (``trojandam_fresh.yaml``). The clean
+injection) and its ablations with a fresh, never-fitted mapping every round: of 800 images
+(``trojandam_fresh.yaml``, the first reproduction's reading) and of the main overlay's 128 images
+(``trojandam_fresh128.yaml``, the period alone changed). The clean
 continuations (no attack) under FedAvg and TrojanDam give the MA every defense should keep and the trigger's base
 rate. The federation is drawn with data seed 0 for every run seed (the malicious clients' data stay the same); the
 run seed draws the client sampling and the SGD noise. Stages are ordered by priority (MNIST PGD, Neurotoxin, then
@@ -41,6 +43,8 @@ def defenses(radius: float) -> dict[str, tuple[str, list[str]]]:
         "TrojanDam": ("trojandam", ["--config=configs/fl/defenses/trojandam.yaml", *clip]),
         "TrojanDam, fresh mapping every round": ("trojandam_fresh",
                                                  ["--config=configs/fl/defenses/trojandam_fresh.yaml", *clip]),
+        "TrojanDam, fresh mapping every round, 128 images": (
+            "trojandam_fresh128", ["--config=configs/fl/defenses/trojandam_fresh128.yaml", *clip]),
     }  # fmt: skip
 
 
@@ -90,7 +94,7 @@ COMPARISONS["trojandam"] = Comparison(
     "update norm r (MNIST 0.3, Fashion-MNIST 0.8). "
     "Defenses: FedAvg (unweighted), norm clipping at M = r, Multi-Krum (f = 1, 5 selected), FLAME (lambda = "
     "0.001), TrojanDam (norm clipping at r plus configs/fl/defenses/trojandam.yaml; 'fresh mapping every round': "
-    "trojandam_fresh.yaml). Mean MA/BA: over the "
+    "trojandam_fresh.yaml, 800 images; '..., 128 images': trojandam_fresh128.yaml). Mean MA/BA: over the "
     "evaluations during the attack (every 10 rounds, 5,000 test images); malicious updates kept: the share of "
     "malicious updates the aggregator kept, over the rounds with one; OOD fit: TrojanDam's accuracy on its current "
     "mapping after injection. Mean ± standard error over seeds.",
