@@ -201,6 +201,20 @@ def load_comparisons() -> dict[str, Comparison]:
     return COMPARISONS
 
 
+def select_stages(name: str, only: list[str] | None) -> list[Stage]:
+    """The stages of comparison ``name`` whose key starts with one of ``only`` (all without ``only``); an entry that
+    is a whole stage key selects that stage alone, not its extensions."""
+    load_comparisons()
+    stages = COMPARISONS[name].stages
+    if not only:
+        return list(stages)
+    keys = {s.key for s in stages}
+    chosen = [s for s in stages if any(s.key == o if o in keys else s.key.startswith(o) for o in only)]
+    if not chosen:
+        raise SystemExit(f"no stage of {name!r} starts with {only}: {[s.key for s in stages]}")
+    return chosen
+
+
 def reproduce(
     name: str,
     seeds: list[int] | None = None,
@@ -226,11 +240,7 @@ def reproduce(
     if only:
         if isinstance(only, str):
             only = [only]
-        keys = {s.key for s in comp.stages}  # a whole stage key selects that stage alone, not its extensions
-        stages = [s for s in comp.stages if any(s.key == o if o in keys else s.key.startswith(o) for o in only)]
-        if not stages:
-            raise SystemExit(f"no stage of {name!r} starts with {only}: {[s.key for s in comp.stages]}")
-        comp = replace(comp, stages=stages)
+        comp = replace(comp, stages=select_stages(name, only))
         name_out = "-".join([name, *(o.replace("/", "_") for o in only)])
     else:
         name_out = name
@@ -272,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
                              "`--out docs/results` refreshes the committed results)")
     parser.add_argument("--tiny", action="store_true", help="use the tiny twins in tests/configs (a smoke run)")
     parser.add_argument("--force", action="store_true", help="rerun stages that already have a result")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="run the stages as this many parallel processes, each stage once the stages whose "
+                             "artifacts it reads have a result (recipes/parallel.py); then tabulate (--cached)")
     parser.add_argument("--cached", action="store_true",
                         help="run nothing: tabulate and plot the results already under --root (missing ones are left out)")
     parser.add_argument("--only", nargs="+", default=None,
@@ -281,6 +294,21 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out if args.out is not None else args.root
     if args.cached and args.force:
         parser.error("--cached runs nothing and --force reruns every stage: pass one of them")
+    if args.jobs != 1:
+        if args.cached:
+            parser.error("--cached runs nothing: leave out --jobs")
+        from recipes.parallel import run_parallel
+
+        seeds = args.seeds if args.seeds is not None else list(COMPARISONS[args.name].seeds)
+        states = run_parallel(args.name, select_stages(args.name, args.only), seeds, args.root, args.jobs,
+                              args.tiny, args.force)  # fmt: skip
+        failed = sorted(f"{key} seed {seed}: {state}" for (key, seed), state in states.items()
+                        if state in ("failed", "skipped"))  # fmt: skip
+        reproduce(args.name, args.seeds, args.root, out, args.tiny, False, args.only, cached=True)
+        if failed:
+            print("not finished:\n  " + "\n  ".join(failed), file=sys.stderr)
+            return 1
+        return 0
     reproduce(args.name, args.seeds, args.root, out, args.tiny, args.force, args.only, args.cached)
     return 0
 
