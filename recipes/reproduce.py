@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the stages as this many parallel processes, each stage once the stages whose "
                              "artifacts it reads have a result (recipes/parallel.py); then tabulate (--cached)")
     parser.add_argument("--cached", action="store_true",
-                        help="run nothing: tabulate and plot the results already under --root (missing ones are left out)")
+                        help="run nothing: tabulate and plot the results already under --root (missing ones left out)")
     parser.add_argument("--only", nargs="+", default=None,
                         help="run only the stages whose key starts with one of these (e.g. mnist); a whole stage key "
                              "selects that stage alone")

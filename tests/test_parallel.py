@@ -13,7 +13,7 @@ STAGES = [Stage("warm", "x.yaml"), *[Stage(k, "x.yaml", ["--model.init_args.init
 
 
 class Launcher:
-    """Stands in for subprocess.Popen: a 'process' finishes at its second poll, writing its result unless told to fail."""
+    """Stands in for subprocess.Popen: a 'process' ends at its second poll, writing its result unless told to fail."""
 
     def __init__(self, root, fail=()):
         self.root, self.fail, self.running, self.peak, self.order = root, set(fail), set(), 0, []
