@@ -7,8 +7,8 @@ stage fails, its dependents are skipped and reported. Each process gets one CPU 
 set) and its log beside its run (``<root>/<name>/<key>/seed<s>.log``). The table is then made from the results on disk
 (``--cached``).
 
-On a GPU machine every process takes the same GPU (``accelerator: auto``). Small models leave most of it idle, so N
-processes give close to N times the throughput: on one H200 with 16 cores, 13 federated runs of the Chameleon and
+On a GPU machine every process takes the same GPU (``accelerator: auto``). Small models leave most of it idle, so
+many processes can share it: on one H200 with 16 cores, 13 federated runs of the Chameleon and
 TrojanDam testbeds at once took 90-470 s each (2026-12-04), where one such run takes 1,100-2,900 s on one CPU core.
 """
 
