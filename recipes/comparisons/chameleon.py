@@ -140,12 +140,15 @@ def durability_plot(comp: Comparison, results: dict[str, list[dict]], path: Path
     for col, group in enumerate(groups):
         members = [s for s in stages if s.group == group]
         runs = {s.label: mean_curves(results.get(s.key, [])) for s in members}
-        plot_curves({k: v for k, v in runs.items() if v is not None}, None, group, 0.5, ax=axes[0, col])
+        runs = {k: v for k, v in runs.items() if v is not None}
+        plot_curves(runs, None, group, 0.5, ax=axes[0, col])
+        color = {label: f"C{i % 10}" for i, label in enumerate(runs)}  # plot_curves' colours, so both panels agree
         ax = axes[1, col]
-        for i, s in enumerate(members):
+        for s in members:
             curve = aligned_ba(results.get(s.key, []))
             if curve and not s.key.endswith("clean"):
-                ax.plot(list(curve), [100 * v for v in curve.values()], color=f"C{i % 10}", lw=1.8, label=s.label)
+                ax.plot(list(curve), [100 * v for v in curve.values()], color=color.get(s.label, "gray"), lw=1.8,
+                        label=s.label)
         ax.axhline(50, color="gray", lw=0.8, ls=":")
         ax.set_xlabel("rounds after the attack window")
         ax.set_ylabel("BA (%)")
