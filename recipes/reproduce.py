@@ -15,6 +15,7 @@ Method issues add their own entry to :data:`COMPARISONS`, in a module of ``recip
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import shutil
@@ -242,6 +243,8 @@ def reproduce(
             only = [only]
         comp = replace(comp, stages=select_stages(name, only))
         name_out = "-".join([name, *(o.replace("/", "_") for o in only)])
+        if len(name_out) > 120:  # many keys: keep the file name under the file system's 255 bytes, and unique
+            name_out = f"{name_out[:96]}-{len(only)}-keys-{hashlib.sha1(name_out.encode()).hexdigest()[:8]}"
     else:
         name_out = name
     seeds = list(seeds if seeds is not None else comp.seeds)

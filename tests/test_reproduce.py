@@ -103,3 +103,19 @@ def test_cached_tabulates_the_results_on_disk_and_runs_nothing(tmp_path, monkeyp
             reproduce("cached-cmp", seeds=[5], root=tmp_path, out=tmp_path, cached=True)
     finally:
         COMPARISONS.pop("cached-cmp", None)
+
+
+def test_a_long_only_list_gives_a_short_unique_table_name(tmp_path, monkeypatch):
+    from recipes import reproduce as R
+
+    monkeypatch.setattr(R, "run_stage", lambda stage, *a: {"metrics": {}, "seconds": 0.0})
+    keys = [f"dataset-name/attack-{i}/defense-name" for i in range(12)]
+    COMPARISONS["long-cmp"] = R.Comparison(title="t", stages=[Stage(k, "x.yaml") for k in keys], columns={},
+                                           plot=lambda r, p: None)  # fmt: skip
+    try:
+        reproduce("long-cmp", seeds=[0], root=tmp_path, out=tmp_path, only=keys)
+        reproduce("long-cmp", seeds=[0], root=tmp_path, out=tmp_path, only=keys[:11])
+        names = sorted(p.name for p in tmp_path.glob("long-cmp-*.md"))
+        assert len(names) == 2 and all(len(n) < 140 for n in names), names
+    finally:
+        COMPARISONS.pop("long-cmp", None)
