@@ -4,7 +4,8 @@ A comparison is a list of stages; each stage is one config run through the same 
 ``python -m recipes fit`` (then tested on the test split), for several seeds. Stages may consume earlier
 stages' artifacts through ``{artifact:<stage key>}`` in their overrides. Finished runs are cached in
 ``<root>/<stage>/seed<k>/result.json``, so an interrupted reproduction resumes where it stopped
-(``--force`` reruns). The table (mean ± std over seeds) goes to ``<out>/<name>.md`` and the plot to
+(``--force`` reruns; ``--cached`` only tabulates what is on disk; ``--jobs N`` runs the stages as N parallel processes,
+:mod:`recipes.parallel`). The table (mean ± std over seeds) goes to ``<out>/<name>.md`` and the plot to
 ``<out>/<name>.png`` (``--out`` defaults to ``--root``, i.e. under ``runs/``; ``--out docs/results`` refreshes the
 committed tables), and the table is printed.
 
@@ -259,7 +260,7 @@ def reproduce(
                 continue
             print(f"[reproduce {name}] seed {seed}: {stage.key}", flush=True)
             results.setdefault(stage.key, []).append(run_stage(stage, seed, root, config_root, force))
-    if not results:
+    if cached and not results:
         raise SystemExit(f"--cached: no stage of {name!r} has a result under {root} for seeds {seeds}")
     total = time.perf_counter() - start
     table = (comp.table or summarize)(comp, results)
@@ -307,11 +308,10 @@ def main(argv: list[str] | None = None) -> int:
                               args.tiny, args.force)  # fmt: skip
         failed = sorted(f"{key} seed {seed}: {state}" for (key, seed), state in states.items()
                         if state in ("failed", "skipped"))  # fmt: skip
-        reproduce(args.name, args.seeds, args.root, out, args.tiny, False, args.only, cached=True)
         if failed:
             print("not finished:\n  " + "\n  ".join(failed), file=sys.stderr)
-            return 1
-        return 0
+        reproduce(args.name, args.seeds, args.root, out, args.tiny, False, args.only, cached=True)
+        return 1 if failed else 0
     reproduce(args.name, args.seeds, args.root, out, args.tiny, args.force, args.only, args.cached)
     return 0
 
