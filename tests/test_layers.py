@@ -89,6 +89,6 @@ def test_recipes_is_only_the_cli_and_the_reproduction_runner():
     modules = {p.stem for p in (REPO / "recipes").glob("*.py")} - {"__init__", "__main__"}
     aliases: set[str] = set()
     gpu_check = {"gpu_check", "gpu_plan", "standins"}  # the GPU check's command, its config planner and stand-ins
-    assert modules - aliases - gpu_check == {
-        "cli", "errors", "overview", "quiet", "renamed_keys", "reproduce", "resume", "tamper"}  # the CLI's parts
+    assert modules - aliases - gpu_check == {  # the CLI's parts; parallel: reproduce --jobs
+        "cli", "errors", "overview", "parallel", "quiet", "renamed_keys", "reproduce", "resume", "tamper"}
     assert (REPO / "recipes" / "comparisons").is_dir()
