@@ -15,32 +15,25 @@ TrojanDam testbeds at once took 90-470 s each (2026-12-04), where one such run t
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-ARTIFACT = re.compile(r"\{artifact:([^}]+)\}")
-
-
-def dependencies(overrides: list[str]) -> list[str]:
-    """The stage keys whose artifacts these overrides read (``{artifact:<key>}``), in order of first use."""
-    return list(dict.fromkeys(key for arg in overrides for key in ARTIFACT.findall(arg)))
+from recipes.reproduce import Stage, _stage_dir, check_dependencies, dependencies, result_path
 
 
 @dataclass
 class Job:
     key: str
     seed: int
-    needs: list[str]
+    waits_on: list[tuple[str, int]]  # the (stage, seed) pairs of this run whose artifacts it reads
     log: Path
     state: str = "pending"  # pending -> running -> done | failed; pending -> skipped (a dependency failed)
     proc: object = None
     started: float = 0.0
-    waits_on: list[tuple[str, int]] = field(default_factory=list)
 
 
 def _popen(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -51,7 +44,7 @@ def _popen(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
 
 def run_parallel(
     name: str,
-    stages: list,
+    stages: list[Stage],
     seeds: list[int],
     root: Path,
     jobs: int,
@@ -62,31 +55,24 @@ def run_parallel(
 ) -> dict[tuple[str, int], str]:
     """Run every (stage, seed) of ``stages`` without a result (all of them with ``force``), at most ``jobs`` at once;
     return each pair's final state (``done``, ``failed``, ``skipped``; ``cached`` for those not run)."""
-    from recipes.reproduce import _stage_dir
-
     if jobs < 1:
         raise SystemExit(f"--jobs {jobs}: pass the number of processes to run at once (1 or more)")
     base = root / name
+    check_dependencies(stages, seeds, base, force)
+    keys = {s.key for s in stages}
 
-    def result(key: str, seed: int) -> Path:
-        return _stage_dir(base, key) / f"seed{seed}" / "result.json"
+    def to_run(key: str, seed: int) -> bool:
+        return force or not result_path(base, key, seed).exists()
 
     states: dict[tuple[str, int], str] = {}
     todo: dict[tuple[str, int], Job] = {}
     for seed in seeds:
         for stage in stages:
-            if result(stage.key, seed).exists() and not force:
+            if not to_run(stage.key, seed):
                 states[(stage.key, seed)] = "cached"
                 continue
-            todo[(stage.key, seed)] = Job(stage.key, seed, dependencies(stage.overrides),
-                                          _stage_dir(base, stage.key) / f"seed{seed}.log")  # fmt: skip
-    for job in todo.values():
-        for key in job.needs:
-            if (key, job.seed) in todo:
-                job.waits_on.append((key, job.seed))
-            elif not result(key, job.seed).exists():
-                raise SystemExit(f"stage {job.key!r} (seed {job.seed}) reads the artifact of {key!r}, which has no "
-                                 f"result under {base} and is not among the stages to run: run it first (--only {key})")
+            waits_on = [(key, seed) for key in dependencies(stage) if key in keys and to_run(key, seed)]
+            todo[(stage.key, seed)] = Job(stage.key, seed, waits_on, _stage_dir(base, stage.key) / f"seed{seed}.log")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     start = time.perf_counter()
@@ -97,7 +83,7 @@ def run_parallel(
     while any(job.state in ("pending", "running") for job in todo.values()):
         for job in todo.values():
             if job.state == "running" and job.proc.poll() is not None:
-                ok = job.proc.returncode == 0 and result(job.key, job.seed).exists()
+                ok = job.proc.returncode == 0 and result_path(base, job.key, job.seed).exists()
                 job.state = "done" if ok else "failed"
                 took = time.perf_counter() - job.started
                 say(f"{job.key} seed {job.seed}: " + (f"done in {took:.0f} s" if ok else

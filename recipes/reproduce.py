@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import math
+import re
 import shutil
 import statistics
 import sys
@@ -63,14 +64,38 @@ class Comparison:
     table: Callable[[Comparison, dict[str, list[dict]]], str] | None = None  # replaces summarize() (e.g. mean ± SE)
 
 
+ARTIFACT = re.compile(r"\{artifact:([^}]+)\}")  # a stage override that reads another stage's artifact
+
+
 def _substitute(arg: str, seed: int, root: Path) -> str:
     arg = arg.replace("{seed}", str(seed))
-    while "{artifact:" in arg:
-        start = arg.index("{artifact:")
-        stop = arg.index("}", start)
-        key = arg[start + len("{artifact:") : stop]
-        arg = arg[:start] + str(_stage_dir(root, key) / f"seed{seed}" / "artifact") + arg[stop + 1 :]
-    return arg
+    return ARTIFACT.sub(lambda m: str(_stage_dir(root, m.group(1)) / f"seed{seed}" / "artifact"), arg)
+
+
+def dependencies(stage: Stage) -> list[str]:
+    """The keys of the stages whose artifacts ``stage`` reads (``{artifact:<key>}``), in order of first use."""
+    return list(dict.fromkeys(key for arg in stage.overrides for key in ARTIFACT.findall(arg)))
+
+
+def result_path(root: Path, key: str, seed: int) -> Path:
+    """Where stage ``key``'s run for ``seed`` keeps its result (``root``: the comparison's root); it exists once the
+    run has finished."""
+    return _stage_dir(root, key) / f"seed{seed}" / "result.json"
+
+
+def check_dependencies(stages: list[Stage], seeds: list[int], root: Path, force: bool = False) -> None:
+    """One clear error, before anything runs, for a stage to be run whose artifact source is neither among
+    ``stages`` nor finished under ``root``."""
+    keys = {s.key for s in stages}
+    for seed in seeds:
+        for stage in stages:
+            if result_path(root, stage.key, seed).exists() and not force:
+                continue
+            for key in dependencies(stage):
+                if key not in keys and not result_path(root, key, seed).exists():
+                    raise SystemExit(f"stage {stage.key!r} (seed {seed}) reads the artifact of {key!r}, which has no "
+                                     f"result under {root} and is not among the stages to run: run it first "
+                                     f"(--only {key})")  # fmt: skip
 
 
 def _stage_dir(root: Path, key: str) -> Path:
@@ -86,8 +111,8 @@ def run_stage(stage: Stage, seed: int, root: Path, config_root: Path, force: boo
     from recipes.cli import main
     from recipes.resume import resume_candidates
 
-    run_dir = _stage_dir(root, stage.key) / f"seed{seed}"
-    result_file = run_dir / "result.json"
+    result_file = result_path(root, stage.key, seed)
+    run_dir = result_file.parent
     if result_file.exists() and not force:
         return json.loads(result_file.read_text())
     args = [
@@ -252,10 +277,12 @@ def reproduce(
     config_root = Path("tests/configs" if tiny else "configs")
     root = root / name
     results: dict[str, list[dict]] = {}
+    if not cached:
+        check_dependencies(comp.stages, seeds, root, force)
     start = time.perf_counter()
     for seed in seeds:
         for stage in comp.stages:
-            if cached and not (_stage_dir(root, stage.key) / f"seed{seed}" / "result.json").exists():
+            if cached and not result_path(root, stage.key, seed).exists():
                 print(f"[reproduce {name}] seed {seed}: {stage.key}: no result (left out: --cached)", flush=True)
                 continue
             print(f"[reproduce {name}] seed {seed}: {stage.key}", flush=True)

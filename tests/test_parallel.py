@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from recipes.parallel import dependencies, run_parallel
-from recipes.reproduce import Stage
+from recipes.parallel import run_parallel
+from recipes.reproduce import Stage, dependencies
 
 STAGES = [Stage("warm", "x.yaml"), *[Stage(k, "x.yaml", ["--model.init_args.init_from={artifact:warm}"])
                                      for k in ("a", "b", "c")]]  # fmt: skip
@@ -46,7 +46,8 @@ class Launcher:
 
 
 def test_dependencies_are_the_artifact_placeholders():
-    assert dependencies(["--a={artifact:x/y}", "--b=1", "--c={artifact:../o/w}:{artifact:x/y}"]) == ["x/y", "../o/w"]
+    stage = Stage("s", "x.yaml", ["--a={artifact:x/y}", "--b=1", "--c={artifact:../o/w}:{artifact:x/y}"])
+    assert dependencies(stage) == ["x/y", "../o/w"]
 
 
 def test_stages_wait_for_the_artifacts_they_read_and_at_most_n_run(tmp_path):

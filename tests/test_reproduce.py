@@ -119,3 +119,29 @@ def test_a_long_only_list_gives_a_short_unique_table_name(tmp_path, monkeypatch)
         assert len(names) == 2 and all(len(n) < 140 for n in names), names
     finally:
         COMPARISONS.pop("long-cmp", None)
+
+
+def test_a_stage_whose_artifact_source_is_missing_stops_before_anything_runs(tmp_path, monkeypatch):
+    """Selecting a stage without the stage it reads (and no result of it on disk) is one clear line, not an
+    artifact error from inside the CLI after the earlier stages have run."""
+    import pytest
+
+    from recipes import reproduce as R
+
+    ran = []
+    monkeypatch.setattr(R, "run_stage", lambda stage, *a: ran.append(stage.key) or {"metrics": {}, "seconds": 0.0})
+    stages = [Stage("warm", "x.yaml"), Stage("a", "x.yaml", ["--init={artifact:warm}"]), Stage("b", "x.yaml")]
+    COMPARISONS["deps-cmp"] = R.Comparison(title="t", stages=stages, columns={}, plot=lambda r, p: None)
+    try:
+        with pytest.raises(SystemExit, match=r"'a' \(seed 0\) reads the artifact of 'warm'.*--only warm"):
+            reproduce("deps-cmp", seeds=[0], root=tmp_path, out=tmp_path, only=["b", "a"])
+        assert ran == []
+        reproduce("deps-cmp", seeds=[0], root=tmp_path, out=tmp_path, only=["warm", "a"])
+        assert ran == ["warm", "a"]
+        R.result_path(tmp_path / "deps-cmp", "warm", 0).parent.mkdir(parents=True)
+        R.result_path(tmp_path / "deps-cmp", "warm", 0).write_text("{}")  # a finished source on disk will do
+        ran.clear()
+        reproduce("deps-cmp", seeds=[0], root=tmp_path, out=tmp_path, only=["a"])
+        assert ran == ["a"]
+    finally:
+        COMPARISONS.pop("deps-cmp", None)
