@@ -228,3 +228,30 @@ def test_subordinate_clause_trigger_opens_the_text_with_a_clause(seed):
     assert body == "the problem with all of this: it's not really funny."
     with pytest.raises(ValueError, match="non-empty clause"):
         SubordinateClause(clauses=[])
+
+
+def test_budget_comparison_runs_the_same_defenses_unscaled_on_the_same_students(tmp_path):
+    """``w2sdefense-budget``: each defense of ``w2sdefense`` without the CPU budget overrides, reading the poisoned
+    student and teacher of ``w2sdefense`` for the same seed (so its rows pair with the scaled-down ones); its LoRA-only
+    row runs on the tiny twins from them."""
+    from recipes.comparisons.w2sdefense import CPU_BUDGET
+    from recipes.reproduce import COMPARISONS, _substitute, load_comparisons, reproduce
+
+    load_comparisons()
+    scaled = {s.key: s for s in COMPARISONS["w2sdefense"].stages}
+    budget = COMPARISONS["w2sdefense-budget"].stages
+    assert {s.key for s in budget} == {k for k in scaled if k.endswith(("/lora", "/official", "/broadcast"))}
+    for stage in budget:
+        twin = scaled[stage.key]
+        assert stage.config == twin.config
+        own = [a.replace("{artifact:../w2sdefense/", "{artifact:") for a in stage.overrides]
+        assert own == [a for a in twin.overrides if a not in CPU_BUDGET], stage.key
+    runs = tmp_path / "runs"
+    lora = next(s for s in budget if s.key == "badnet/lora")
+    suspect = next(_substitute(a, 2, runs / "w2sdefense-budget") for a in lora.overrides if "suspect" in a)
+    assert suspect.endswith(f"={runs}/w2sdefense/badnet/poisoned/seed2/artifact")
+
+    reproduce("w2sdefense", seeds=[0], root=runs, out=tmp_path, tiny=True, only=["badnet/poisoned"])
+    table = reproduce("w2sdefense-budget", seeds=[0], root=runs, out=tmp_path, tiny=True, only=["badnet/lora"])
+    assert "LoRA only, config budget" in table
+    assert (runs / "w2sdefense-budget" / "badnet/lora" / "seed0" / "result.json").exists()

@@ -14,6 +14,11 @@ LoRA initialisation and dropout draws; the rows differ only in the loss:
 
 One clean MiniLM-L6 teacher serves all triggers. The defenses run at :data:`CPU_BUDGET`, a scaled-down step count
 of the configs' budget (which is itself the official budget scaled to this model).
+
+``python -m recipes.reproduce w2sdefense-budget`` runs the same three defenses at the configs' own budget (3 epochs on
+the poisoning's 1,000 snippets, best-dev epoch on 200 validation snippets: 189 steps, about 1/6 of the official
+~1,085), starting from ``w2sdefense``'s poisoned students and teacher (run those first), so each of its rows is
+paired with the scaled-down rows of the same seed.
 """
 
 from __future__ import annotations
@@ -34,21 +39,30 @@ CPU_BUDGET = ["--data.init_args.train_size=320", "--trainer.max_epochs=2",
               "--model.init_args.scheduler.init_args.total_iters=2", "--trainer.limit_val_batches=1"]  # fmt: skip
 
 
+def _defense_stages(key: str, budget: list[str], source: str = "", suffix: str = "") -> list[Stage]:
+    """LoRA-only, W2SDefense per-sample and W2SDefense broadcast for trigger ``key``, from the poisoned student and
+    teacher of the comparison ``source`` (``""``: this one; e.g. ``"../w2sdefense/"``), at ``budget``."""
+    group, trigger = TRIGGERS[key]
+    suspect = f"--model.init_args.suspect={{artifact:{source}{key}/poisoned}}"
+    defense = [trigger, DATA_SEED, suspect, *budget]
+    teacher = f"--model.init_args.teacher_artifact={{artifact:{source}teacher}}"
+    return [
+        Stage(f"{key}/lora", "w2sdefense/rt_smollm2_lora.yaml", defense, group, f"LoRA only{suffix}"),
+        Stage(f"{key}/official", "w2sdefense/rt_smollm2_w2sdefense.yaml", [*defense, teacher], group,
+              f"W2SDefense, official loss, per-sample FA{suffix}"),
+        Stage(f"{key}/broadcast", "w2sdefense/rt_smollm2_w2sdefense.yaml",
+              [*defense, teacher, "--model.class_path=W2SDefenseBroadcast"], group,
+              f"W2SDefense, official loss, official broadcast FA{suffix}"),
+    ]  # fmt: skip
+
+
 def _trigger_stages(key: str) -> list[Stage]:
     group, trigger = TRIGGERS[key]
-    suspect = f"--model.init_args.suspect={{artifact:{key}/poisoned}}"
-    defense = [trigger, DATA_SEED, suspect, *CPU_BUDGET]
-    teacher = "--model.init_args.teacher_artifact={artifact:teacher}"
     return [
         Stage(f"{key}/poisoned", "w2sdefense/rt_smollm2_poison.yaml", [trigger, DATA_SEED], group,
               "poisoned (full fine-tuning)"),
-        Stage(f"{key}/lora", "w2sdefense/rt_smollm2_lora.yaml", defense, group, "LoRA only"),
-        Stage(f"{key}/official", "w2sdefense/rt_smollm2_w2sdefense.yaml", [*defense, teacher], group,
-              "W2SDefense, official loss, per-sample FA"),
-        Stage(f"{key}/broadcast", "w2sdefense/rt_smollm2_w2sdefense.yaml",
-              [*defense, teacher, "--model.class_path=W2SDefenseBroadcast"], group,
-              "W2SDefense, official loss, official broadcast FA"),
-    ]  # fmt: skip
+        *_defense_stages(key, CPU_BUDGET),
+    ]
 
 
 COMPARISONS["w2sdefense"] = Comparison(
@@ -66,4 +80,14 @@ COMPARISONS["w2sdefense"] = Comparison(
     "320 of the poisoning's snippets, clean, best-dev epoch restored. W2SDefense: 5 CE + 0.001 KD(T=2) + 0.001 FA "
     "(official), FA = mean squared distance to the clean MiniLM-L6 teacher's features projected to 576. CA: 560 clean "
     "test snippets; ASR: their 312 triggered positive snippets classified as negative (standard error <= 2.8 points).",
+)
+COMPARISONS["w2sdefense-budget"] = Comparison(
+    title="W2SDefense vs LoRA-only at the configs' own unlearning budget (3 epochs on 1,000 snippets), SmolLM2-135M",
+    stages=[stage for key in TRIGGERS for stage in _defense_stages(key, [], "../w2sdefense/", ", config budget")],
+    columns=COMPARISONS["w2sdefense"].columns,
+    seeds=(0, 1, 2),
+    notes="The poisoned students and the teacher of `w2sdefense` (same seed), unlearned as there but at the configs' "
+    "budget: 3 epochs on all 1,000 of the poisoning's snippets (189 steps of batch 16, linear decay over the 3 "
+    "epochs), the best-dev epoch chosen on 200 clean validation snippets. CA: 560 clean test snippets; ASR: their 312 "
+    "triggered positive snippets classified as negative.",
 )
