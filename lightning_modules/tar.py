@@ -156,6 +156,7 @@ class TAR(RandomMapping):
         self._tr_grad: list[torch.Tensor] | None = None
         self._gen: torch.Generator | None = None
         self._adversary_gen: torch.Generator | None = None
+        self._restored_generators: dict | None = None
 
     def after_build(self) -> None:
         super().after_build()
@@ -165,6 +166,27 @@ class TAR(RandomMapping):
     def on_fit_start(self) -> None:
         self.reference.to(self.device)
         self.seed_generators(torch.initial_seed(), self.global_rank)
+        if self._restored_generators is not None:  # a resumed run continues the interrupted run's draws
+            self.restore_generators(self._restored_generators, self.global_rank)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The generators' states travel with the checkpoint, so that a run resumed after a preemption (750 outer
+        steps take hours) draws the adversaries and ``x_TR`` batches the uninterrupted run would have drawn."""
+        if self._adversary_gen is not None and self._gen is not None:
+            checkpoint["tar_generators"] = {"adversary": self._adversary_gen.get_state(), "data": self._gen.get_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._restored_generators = checkpoint.get("tar_generators")
+
+    def restore_generators(self, state: dict, rank: int) -> None:
+        """Continue the saved draws. The adversary generator is the same on every rank; the data generator saved is
+        rank 0's, so another rank reseeds its own from the step reached (its batches still differ from rank 0's
+        and from the ones it read before the interruption)."""
+        self._adversary_gen.set_state(state["adversary"])
+        if rank == 0:
+            self._gen.set_state(state["data"])
+        else:
+            self._gen.manual_seed(torch.initial_seed() + rank + 7919 * (self.global_step + 1))
 
     def seed_generators(self, seed: int, rank: int) -> None:
         """The data generator (``x_TR`` and the adversaries' batches) differs per rank, as each official rank reads

@@ -139,6 +139,29 @@ def test_the_adversary_generator_does_not_depend_on_the_rank():
     assert not torch.equal(runs[0][1], runs[1][1])  # but each rank reads its own batches
 
 
+def test_a_resumed_run_continues_the_draws_of_the_interrupted_one(tmp_path):
+    model = TAR(tiny_net(), adversary_space=SPACE, tr_every=2)
+    model.seed_generators(5, 0)
+    [model.draw_adversary() for _ in range(3)]
+    torch.randint(10**6, (3,), generator=model._gen)
+    checkpoint: dict = {}
+    model.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "c.ckpt")
+    expected = [model.draw_adversary() for _ in range(6)], torch.randint(10**6, (3,), generator=model._gen)
+    runs = []
+    for rank in (0, 1):
+        resumed = TAR(tiny_net(), adversary_space=SPACE, tr_every=2)
+        resumed.on_load_checkpoint(torch.load(tmp_path / "c.ckpt", weights_only=True))
+        resumed.seed_generators(5, rank)  # what on_fit_start does before it restores
+        resumed.restore_generators(resumed._restored_generators, rank)
+        runs.append(([resumed.draw_adversary() for _ in range(6)], torch.randint(10**6, (3,), generator=resumed._gen)))
+    fresh = TAR(tiny_net(), adversary_space=SPACE, tr_every=2)
+    fresh.seed_generators(5, 0)
+    assert runs[0][0] == expected[0] and torch.equal(runs[0][1], expected[1])  # rank 0: exactly the same draws
+    assert runs[1][0] == expected[0] and not torch.equal(runs[1][1], expected[1])  # rank 1: same adversaries only
+    assert [fresh.draw_adversary() for _ in range(6)] != expected[0]  # not a restart from the seed
+
+
 def _shared_draw_worker(rank: int, port: int) -> None:
     from types import SimpleNamespace
 
