@@ -11,7 +11,9 @@ adversary per outer step drawn as data type x learning rate) except K = 24 inner
 adversaries that span the harness's optimizers and learning rates. Ablations, each from the same Random Mapping
 artifact: the TR entropy and the adversaries' loss over answer tokens only (``ablation/answer_tokens``), no
 representation term (``ablation/no_representation``), the weak adversaries of the first reproduction
-(``ablation/weak_adversaries``), and floor, Random Mapping and TAR at the first reproduction's depth, the top 4 blocks
+(``ablation/weak_adversaries``), the first reproduction's Random Mapping that did forget, on this span
+(``ablation/strong_random_mapping``: AdamW 1e-3, mapping weight 10, 40 steps; the official warm start leaves the
+mapping loss where it started here), and floor, Random Mapping and TAR at the first reproduction's depth, the top 4 blocks
 (``top4/...``). ``--only none floor gradient_ascent random_mapping tar`` runs the main comparison alone,
 ``--only ablation`` or ``--only top4`` the rest (the ablations read the ``random_mapping`` stage's artifact).
 
@@ -36,6 +38,8 @@ SAFEGUARDS = {"none": "no safeguard", "floor": "floor: trained blocks re-initial
               "ablation/answer_tokens": "TAR, TR entropy and adversary loss on answer tokens only",
               "ablation/no_representation": "TAR without the representation term",
               "ablation/weak_adversaries": "TAR against the first design's adversaries (AdamW 3e-5 / 1e-4, K = 8)",
+              "ablation/strong_random_mapping": "Random Mapping as the first reproduction's rm_strong (AdamW 1e-3, "
+                                                "weight 10, 40 steps)",
               "top4/floor": "floor, top 4 blocks", "top4/random_mapping": "Random Mapping, top 4 blocks",
               "top4/tar": "TAR, top 4 blocks"}  # fmt: skip
 SEED = "--data.init_args.seed={seed}"
@@ -52,6 +56,9 @@ WEAK = ["--model.init_args.adversary_space=null",
         " completion_only: false}, {name: switch_lr1e-4, optimizer: adamw, lr: 1.0e-4, steps: 8,"
         " data: retain_then_forget, completion_only: false}]"]  # fmt: skip
 TOP4 = "--model.init_args.model.init_args.trainable_layers=4"
+# the first reproduction's rm_strong (AdamW lr 1e-3, mapping weight 10, 40 steps): a Random Mapping that forgets there
+STRONG_RM = ["--model.init_args.optimizer={class_path: torch.optim.AdamW, init_args: {lr: 1.0e-3}}",
+             "--model.init_args.mapping_weight=10", "--trainer.max_steps=40", "--trainer.val_check_interval=40"]
 
 
 def _attack_rows(runs: list[dict]) -> dict[str, dict[str, float]]:
@@ -134,6 +141,7 @@ COMPARISONS["tar"] = Comparison(
         _stage("ablation/answer_tokens", "smollm2_tar", FROM_RM, "--model.init_args.tr_tokens=answer", ANSWER_SPACE),
         _stage("ablation/no_representation", "smollm2_tar", FROM_RM, "--model.init_args.representation_weight=0"),
         _stage("ablation/weak_adversaries", "smollm2_tar", FROM_RM, *WEAK),
+        _stage("ablation/strong_random_mapping", "smollm2_random_mapping", *STRONG_RM),
         # the first reproduction's depth: a floor that one attack already lifts to ~50%
         _stage("top4/floor", "smollm2_floor", TOP4, group=GROUP_TOP4),
         _stage("top4/random_mapping", "smollm2_random_mapping", TOP4, group=GROUP_TOP4),
@@ -154,8 +162,9 @@ COMPARISONS["tar"] = Comparison(
     "750 steps of 16 sentences, every hidden state (official settings). TAR: 750 outer steps, schedule-free AdamW lr "
     "2e-5 (32 warm-up steps), K = 24 (official 64), TR every 4, lambda 0.0625, TR scale 4, representation term, "
     "entropy over every token; one adversary per outer step: forget (2/3) or retain-then-forget (1/3) x AdamW "
-    "1e-5 / 1e-4 / 1e-3, Adam 3e-4 or SGD 1e-2, every token of the sentence in its loss, batch 8. Ablations start from "
-    "the same Random Mapping; top4/* repeat floor, Random Mapping and TAR with the top 4 blocks. Every attack's row: "
+    "1e-5 / 1e-4 / 1e-3, Adam 3e-4 or SGD 1e-2, every token of the sentence in its loss, batch 8. TAR's ablations start "
+    "from the same Random Mapping; ablation/strong_random_mapping is the first reproduction's rm_strong (AdamW lr "
+    "1e-3, mapping weight 10, 40 steps) on this span; top4/* repeat floor, Random Mapping and TAR with the top 4 blocks. Every attack's row: "
     "tar-attacks.md.",
     plot=tar_report,
 )
