@@ -13,8 +13,8 @@ artifact: the TR entropy and the adversaries' loss over answer tokens only (``ab
 representation term (``ablation/no_representation``), the weak adversaries of the first reproduction
 (``ablation/weak_adversaries``), the first reproduction's Random Mapping that did forget, on this span
 (``ablation/strong_random_mapping``: AdamW 1e-3, mapping weight 10, 40 steps; the official warm start leaves the
-mapping loss where it started here), and floor, Random Mapping and TAR at the first reproduction's depth, the top 4 blocks
-(``top4/...``). ``--only none floor gradient_ascent random_mapping tar`` runs the main comparison alone,
+mapping loss where it started here), and floor, Random Mapping and TAR at the first reproduction's depth, the top 4
+blocks (``top4/...``). ``--only none floor gradient_ascent random_mapping tar`` runs the main comparison alone,
 ``--only ablation`` or ``--only top4`` the rest (the ablations read the ``random_mapping`` stage's artifact).
 
 Besides the summary table (``docs/results/tar.md``), the plot step writes every attack's row per safeguard to
@@ -162,9 +162,9 @@ COMPARISONS["tar"] = Comparison(
     "750 steps of 16 sentences, every hidden state (official settings). TAR: 750 outer steps, schedule-free AdamW lr "
     "2e-5 (32 warm-up steps), K = 24 (official 64), TR every 4, lambda 0.0625, TR scale 4, representation term, "
     "entropy over every token; one adversary per outer step: forget (2/3) or retain-then-forget (1/3) x AdamW "
-    "1e-5 / 1e-4 / 1e-3, Adam 3e-4 or SGD 1e-2, every token of the sentence in its loss, batch 8. TAR's ablations start "
-    "from the same Random Mapping; ablation/strong_random_mapping is the first reproduction's rm_strong (AdamW lr "
-    "1e-3, mapping weight 10, 40 steps) on this span; top4/* repeat floor, Random Mapping and TAR with the top 4 blocks. Every attack's row: "
-    "tar-attacks.md.",
+    "1e-5 / 1e-4 / 1e-3, Adam 3e-4 or SGD 1e-2, every token of the sentence in its loss, batch 8. TAR's ablations "
+    "start from the same Random Mapping; ablation/strong_random_mapping is the first reproduction's rm_strong (AdamW "
+    "lr 1e-3, mapping weight 10, 40 steps) on this span; top4/* repeat floor, Random Mapping and TAR with the top 4 "
+    "blocks. Every attack's row: tar-attacks.md.",
     plot=tar_report,
 )
