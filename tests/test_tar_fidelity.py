@@ -20,7 +20,7 @@ from datamodules.tar_facts import TamperFactsDataModule
 from lightning_modules.nets.split_lm import SplitCausalLM
 from lightning_modules.tamper import AdversarySpace, TamperAttack, draw_adversary, token_logits
 from lightning_modules.tar import TAR, RandomReinit
-from tests.helpers import CONFIGS
+from tests.helpers import CONFIGS, REPO, run_cli
 from tests.test_tar import TINY_LLAMA, ProbedTAR, fit, tiny_net
 
 SPACE = AdversarySpace(learning_rates={"adamw": [1e-3, 1e-2], "sgd": [1e-1]},
@@ -160,6 +160,17 @@ def test_a_resumed_run_continues_the_draws_of_the_interrupted_one(tmp_path):
     assert runs[0][0] == expected[0] and torch.equal(runs[0][1], expected[1])  # rank 0: exactly the same draws
     assert runs[1][0] == expected[0] and not torch.equal(runs[1][1], expected[1])  # rank 1: same adversaries only
     assert [fresh.draw_adversary() for _ in range(6)] != expected[0]  # not a restart from the seed
+
+
+def test_the_tiny_twin_interrupted_and_resumed_draws_what_an_uninterrupted_run_draws(tmp_path):
+    twin = str(REPO / "tests" / "configs" / "tar" / "smollm2_tar.yaml")
+    straight = run_cli("--config", twin, root=tmp_path, name="straight")  # 2 RM steps, then outer steps 3 and 4
+    run_cli("--config", twin, "--trainer.max_steps=3", root=tmp_path, name="interrupted")
+    last = tmp_path / "interrupted" / "checkpoints" / "last.ckpt"
+    resumed = run_cli("--config", twin, f"--ckpt_path={last}", root=tmp_path, name="interrupted")
+    assert resumed.trainer.global_step == straight.trainer.global_step == 4
+    assert torch.equal(resumed.model._adversary_gen.get_state(), straight.model._adversary_gen.get_state())
+    assert torch.equal(resumed.model._gen.get_state(), straight.model._gen.get_state())
 
 
 def _shared_draw_worker(rank: int, port: int) -> None:
