@@ -15,7 +15,7 @@ representation term (``ablation/no_representation``), the weak adversaries of th
 (``ablation/strong_random_mapping``: AdamW 1e-3, mapping weight 10, 40 steps; the official warm start leaves the
 mapping loss where it started here), and floor, Random Mapping and TAR at the first reproduction's depth, the top 4
 blocks (``top4/...``). ``--only none floor gradient_ascent random_mapping tar`` runs the main comparison alone,
-``--only ablation`` or ``--only top4`` the rest (the ablations read the ``random_mapping`` stage's artifact).
+``--only ablation`` or ``--only top4`` the rest (the TAR ablations read the ``random_mapping`` stage's artifact).
 
 Besides the summary table (``docs/results/tar.md``), the plot step writes every attack's row per safeguard to
 ``docs/results/tar-attacks.md`` and a bar chart of forget accuracy after each attack to ``docs/results/tar.png``.
