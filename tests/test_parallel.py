@@ -8,6 +8,12 @@ import pytest
 from recipes.parallel import run_parallel
 from recipes.reproduce import Stage, dependencies
 
+@pytest.fixture(autouse=True)
+def _no_thread_setting(monkeypatch):
+    """The launcher's one-thread default applies when the caller sets none (``make test`` may run under one)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+
 STAGES = [Stage("warm", "x.yaml"), *[Stage(k, "x.yaml", ["--model.init_args.init_from={artifact:warm}"])
                                      for k in ("a", "b", "c")]]  # fmt: skip
 
