@@ -263,6 +263,7 @@ def test_tar_comparison_runs_on_tiny_twins_and_writes_every_attack_row(tmp_path)
     assert len(table.splitlines()) == 2 + len(SAFEGUARDS)  # header, rule, one row per stage
     assert "floor: trained blocks re-initialised" in table
     attacks = (tmp_path / "out" / "tar-attacks.md").read_text()
+    assert "## TAR (from Random Mapping" in (tmp_path / "out" / "tar-adversaries.md").read_text()
     assert "| adamw_lr1e-3 |" in attacks and "| lora_r2 |" in attacks and "before attack" in attacks
     for stage, parent in (("tar", "random_mapping"), ("ablation/no_representation", "random_mapping"),
                           ("top4/tar", "top4/random_mapping")):  # fmt: skip
@@ -286,3 +287,23 @@ def test_an_artifact_of_another_trainable_span_is_refused(dm, tmp_path):
     save_artifact(tmp_path / "one", source.artifact_state_dict(), {"recipe": "GradientAscent"})
     with pytest.raises(ValueError, match="trained tensors.*trainable_layers"):
         GradientAscent(tiny_net(trainable_layers=2), init_from=str(tmp_path / "one")).configure_model()
+
+
+def test_training_adversary_table_groups_by_lr_data_and_window(tmp_path):
+    """The diagnostic of where TR holds during training: hand-computed means and SEs per adversary and window."""
+    from recipes.comparisons.tar import adversary_outcomes, adversary_table
+
+    csv_path = tmp_path / "metrics.csv"
+    rows = ["epoch,step,train/adversary_loss,train/adversary_lr,train/adversary_retain_steps,val/forget_acc",
+            "0,4,1.0,1e-05,0.0,", "0,9,3.0,1e-05,0.0,", "0,9,,,,0.5",  # a validation row is skipped
+            "0,14,0.5,0.001,0.0,", "0,19,7.0,1e-05,3.0,", "0,24,5.0,1e-05,0.0,"]  # fmt: skip
+    csv_path.write_text("\n".join(rows) + "\n")
+    out = adversary_outcomes(csv_path, window=20)
+    assert out == {(1e-5, "forget"): {0: [1.0, 3.0], 1: [5.0]}, (1e-3, "forget"): {0: [0.5]},
+                   (1e-5, "retain->forget"): {0: [7.0]}}  # fmt: skip
+    table = adversary_table(out, window=20).splitlines()
+    assert table[0] == "| adversary lr | data | steps 0-19 | steps 20-39 |"
+    # mean 2, sample SD sqrt(2), SE 1; one value has no SE; an empty window is a dash
+    assert "| 1e-05 | forget | 2.00 ± 1.00 (2) | 5.00 ± nan (1) |" in table
+    assert "| 0.001 | forget | 0.50 ± nan (1) | — |" in table
+    assert "| 1e-05 | retain->forget | 7.00 ± nan (1) | — |" in table

@@ -18,12 +18,16 @@ blocks (``top4/...``). ``--only none floor gradient_ascent random_mapping tar`` 
 ``--only ablation`` or ``--only top4`` the rest (the TAR ablations read the ``random_mapping`` stage's artifact).
 
 Besides the summary table (``docs/results/tar.md``), the plot step writes every attack's row per safeguard to
-``docs/results/tar-attacks.md`` and a bar chart of forget accuracy after each attack to ``docs/results/tar.png``.
+``docs/results/tar-attacks.md``, a bar chart of forget accuracy after each attack to ``docs/results/tar.png``, and
+for every run that trained against adversaries, how each kind of training adversary fared along the outer steps
+(``tar-adversaries.md``/``.png``, from the run's ``metrics.csv``): where tamper resistance holds during training.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -123,6 +127,73 @@ def tar_report(results: dict, path: Path) -> None:
     ax.set_title("Forget (capital) MCQ accuracy before and after each tampering attack", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
+    adversary_report(results, path)
+
+
+def adversary_outcomes(metrics_csv: Path, window: int = 125) -> dict[tuple[float, str], dict[int, list[float]]]:
+    """TAR's training adversaries as logged: per (learning rate, data) the adversary's own loss at its last inner
+    step (``train/adversary_loss``; high means the safeguard held against it), grouped by window of outer steps
+    (``{window index: [losses]}``). Data is ``retain->forget`` when the adversary took retain steps first."""
+    out: dict[tuple[float, str], dict[int, list[float]]] = {}
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            if not row.get("train/adversary_lr") or not row.get("train/adversary_loss"):
+                continue
+            data = "retain->forget" if float(row.get("train/adversary_retain_steps") or 0) > 0 else "forget"
+            key = (float(row["train/adversary_lr"]), data)
+            loss = float(row["train/adversary_loss"])
+            out.setdefault(key, {}).setdefault(int(row["step"]) // window, []).append(loss)
+    return out
+
+
+def adversary_table(outcomes: dict[tuple[float, str], dict[int, list[float]]], window: int = 125) -> str:
+    """Markdown: one row per training adversary, one column per window of outer steps, mean ± SE (n) of its loss."""
+    cols = sorted({w for by in outcomes.values() for w in by})
+    lines = ["| adversary lr | data | " + " | ".join(f"steps {w * window}-{(w + 1) * window - 1}" for w in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]  # fmt: skip
+    for (lr, data), by in sorted(outcomes.items()):
+        cells = []
+        for w in cols:
+            v = by.get(w, [])
+            se = statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+            cells.append(f"{statistics.fmean(v):.2f} ± {se:.2f} ({len(v)})" if v else "—")
+        lines.append(f"| {lr:g} | {data} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def adversary_report(results: dict, path: Path) -> None:
+    """``<stem>-adversaries.md`` and ``.png``: every TAR run's training adversaries along its outer steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from callbacks.round_curves import save_figure
+
+    runs = [(key, run) for key in SAFEGUARDS for run in results.get(key, [])
+            if (Path(run.get("log_dir", "")) / "metrics.csv").exists()]  # fmt: skip
+    found = [(key, run, adversary_outcomes(Path(run["log_dir"]) / "metrics.csv")) for key, run in runs]
+    found = [(key, run, out) for key, run, out in found if out]
+    if not found:
+        return
+    doc = ["# TAR's training adversaries: the adversary's loss after its inner steps, by outer step\n",
+           "Cross-entropy of the adversary's own batch at its last inner step (logged every 5 outer steps; high: the "
+           "safeguard held against that adversary). Mean ± standard error (number of logged outer steps)."]
+    fig, axes = plt.subplots(1, len(found), figsize=(6 * len(found), 4), squeeze=False)
+    for ax, (key, run, out) in zip(axes[0], found):
+        doc += [f"\n## {SAFEGUARDS[key]}, seed {run.get('seed', '?')}\n", adversary_table(out)]
+        with open(Path(run["log_dir"]) / "metrics.csv", newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("train/adversary_lr") and r.get("train/adversary_loss")]
+        for lr in sorted({float(r["train/adversary_lr"]) for r in rows}):
+            pts = [(int(r["step"]), float(r["train/adversary_loss"])) for r in rows
+                   if float(r["train/adversary_lr"]) == lr]  # fmt: skip
+            ax.scatter(*zip(*pts), s=10, label=f"lr {lr:g}")
+        ax.set_xlabel("outer step")
+        ax.set_ylabel("adversary loss after its inner steps")
+        ax.set_title(f"{SAFEGUARDS[key]}, seed {run.get('seed', '?')}", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path.with_name(path.stem + "-adversaries.png"))
+    atomic_write_text(path.with_name(path.stem + "-adversaries.md"), "\n".join(doc) + "\n")
 
 
 def _stage(key: str, config: str, *overrides: str, group: str = GROUP) -> Stage:
