@@ -94,6 +94,7 @@ def test_schedule_decides_who_attacks_when_and_how_hard():
     s = AttackSchedule([2, 1], start_round=3, end_round=5, scale=4.0)
     assert [r for r in range(8) if s.is_active(r)] == [3, 4]
     assert [r for r in range(8) if AttackSchedule([0], attack_rounds=[6, 1]).is_active(r)] == [1, 6]
+    assert not any(AttackSchedule([], start_round=0).is_active(r) for r in range(8))  # no attacker: never active
     attack = Neurotoxin(schedule=s)
     assert attack.malicious_clients == [2, 1] and attack.radius == float("inf")
     assert torch.equal(attack.post_process(torch.ones(3), None), torch.full((3,), 4.0))

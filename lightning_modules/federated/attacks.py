@@ -56,6 +56,8 @@ class AttackSchedule:
             raise ValueError(f"stop_at_ba must be in (0, 1], got {self.stop_at_ba}")
 
     def is_active(self, round: int) -> bool:
+        if not self.malicious_clients:  # a clean continuation run through an attack config: no one attacks
+            return False
         if self.attack_rounds is not None:
             return round in self.attack_rounds
         return round >= self.start_round and (self.end_round is None or round < self.end_round)
