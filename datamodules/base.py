@@ -8,7 +8,7 @@ from typing import Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from datamodules.poisoning import Poisoning
 
@@ -47,6 +47,65 @@ class TensorBatchDataset(Dataset):
 
 def _already_batched(batch):
     return batch
+
+
+class _EpochRandomSampler(RandomSampler):
+    """``RandomSampler`` that records the epoch Lightning announces (``set_epoch``, which Lightning calls on every
+    sampler that has it); the order is still drawn from the generator, exactly as a plain ``shuffle=True``."""
+
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that continues an interrupted pass where it stopped. Lightning saves its :meth:`state_dict` in
+    every checkpoint: the generator state from before the current pass drew its order and at the save, how many
+    batches the pass has yielded, and the epoch. After :meth:`load_state_dict`, the next pass of the same epoch
+    replays the interrupted one, skipping the batches already yielded (a pass that had yielded its last batch ends
+    there, drawing what the sampler draws at its end, and a loader that cycles starts its next pass as the
+    uninterrupted one would); a pass of a later epoch (the checkpoint fell at an epoch's end, or
+    ``limit_train_batches`` cut the pass) draws afresh from the generator state at the save. Without
+    it a run resumed mid-epoch starts a fresh shuffle (and Lightning warns that the dataloader is not resumable). The
+    skipped batches are loaded and dropped, which is cheap for in-memory tensors. ``shuffle=True`` draws the same
+    orders as a plain DataLoader's.
+    """
+
+    def __init__(self, dataset, *args, shuffle: bool | None = None, sampler=None, generator=None, **kwargs) -> None:
+        if shuffle and sampler is None:
+            sampler, shuffle = _EpochRandomSampler(dataset, generator=generator), None
+        super().__init__(dataset, *args, shuffle=shuffle, sampler=sampler, generator=generator, **kwargs)
+        self._pass_start: torch.Tensor | None = None
+        self._yielded = 0
+        self._restored: dict | None = None
+
+    def _epoch(self) -> int | None:
+        return getattr(self.sampler, "epoch", None)
+
+    def __iter__(self):
+        restored, self._restored = self._restored, None
+        skip = 0
+        if restored is not None:
+            same_pass = restored["epoch"] == self._epoch()
+            state = restored["generator_start"] if same_pass else restored["generator_now"]
+            if state is not None and self.generator is not None:
+                self.generator.set_state(state)
+            skip = restored["yielded"] if same_pass else 0
+        self._pass_start = self.generator.get_state() if self.generator is not None else None
+        self._yielded = 0
+        for batch in super().__iter__():
+            self._yielded += 1
+            if self._yielded > skip:
+                yield batch
+
+    def state_dict(self) -> dict:
+        now = self.generator.get_state() if self.generator is not None else None
+        start = self._pass_start if self._pass_start is not None else now  # not iterated yet: it starts here
+        return {"generator_start": start, "generator_now": now, "yielded": self._yielded, "epoch": self._epoch()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._restored = dict(state)
 
 
 class BackdoorDataModule(L.LightningDataModule):
@@ -133,7 +192,8 @@ class BackdoorDataModule(L.LightningDataModule):
                 dataset, num_replicas=world, rank=rank, shuffle=self.shuffle,
                 seed=self.seed * 7919 + torch.initial_seed(), drop_last=False,
             )
-        return DataLoader(
+        # the training loader continues an interrupted epoch where it stopped (a resume mid-epoch is exact)
+        return (ResumableDataLoader if train else DataLoader)(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             sampler=sampler,

@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
-from datamodules.base import TensorBatchDataset, _already_batched
+from datamodules.base import ResumableDataLoader, TensorBatchDataset, _already_batched
 from datamodules.text import load_tokenizer
 
 SENTENCE_SPLITS = ("forget_train", "forget_meta", "attack", "retain_train")
@@ -139,7 +139,8 @@ class TamperDataModule(L.LightningDataModule):
 
     def _loader(self, data: TensorBatchDataset, batch_size: int, shuffle: bool) -> DataLoader:
         gen = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen, collate_fn=_already_batched)
+        cls = ResumableDataLoader if shuffle else DataLoader  # a resumed run continues the interrupted shuffle
+        return cls(data, batch_size=batch_size, shuffle=shuffle, generator=gen, collate_fn=_already_batched)
 
     def train_dataloader(self) -> CombinedLoader:
         """``{"forget": ..., "retain": ...}`` sentence batches (the shorter corpus cycles)."""

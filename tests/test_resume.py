@@ -148,7 +148,7 @@ def test_sigterm_saves_and_exits_143_and_the_resume_equals_the_straight_run(tmp_
     saved = tmp_path / "run" / "checkpoints" / "preempted.ckpt"
     assert SafeCheckpointIO().load_checkpoint(saved)["global_step"] == step
     cli = fit(tmp_path, "run", "--trainer.max_epochs=3", "--ckpt_path=last")
-    assert_same_run(cli, tmp_path, "run", straight, exact=hook == "validation")  # validation: after a whole epoch
+    assert_same_run(cli, tmp_path, "run", straight)  # mid-epoch too: the loader continues the interrupted epoch
     assert not saved.exists(), "a finished fit removes the preemption checkpoint (OnExceptionCheckpoint)"
 
 
@@ -227,3 +227,56 @@ def test_checkpoint_hyperparameters_are_used_when_asked(tmp_path):
     fit(tmp_path, "run", "--trainer.max_epochs=1", "--model.init_args.label_smoothing=0.9")
     cli = fit(tmp_path, "run", "--trainer.max_epochs=2", "--ckpt_path=last", "--ckpt_hparams=checkpoint")
     assert cli.model.hparams.label_smoothing == 0.9
+
+
+def test_a_resumable_loader_continues_the_interrupted_shuffle_where_it_stopped():
+    """Three batches into a pass, the state goes into a checkpoint; a fresh loader (its generator elsewhere) that loads
+    it yields the pass's remaining batches, then the same next pass, as the uninterrupted loader."""
+    from torch.utils.data import DataLoader
+
+    from datamodules.base import ResumableDataLoader, TensorBatchDataset, _already_batched
+
+    def loader(seed: int) -> ResumableDataLoader:
+        return ResumableDataLoader(TensorBatchDataset(torch.arange(20)), batch_size=3, shuffle=True,
+                                   generator=torch.Generator().manual_seed(seed), collate_fn=_already_batched)  # fmt: skip
+
+    straight = loader(0)
+    passes = [[b[0].tolist() for b in straight] for _ in range(2)]
+    assert passes[0] != passes[1] and sorted(sum(passes[0], [])) == list(range(20))
+    plain = DataLoader(TensorBatchDataset(torch.arange(20)), batch_size=3, shuffle=True,
+                       generator=torch.Generator().manual_seed(0), collate_fn=_already_batched)  # fmt: skip
+    assert [[b[0].tolist() for b in plain] for _ in range(2)] == passes  # the orders of a plain shuffled loader
+    interrupted = loader(0)
+    it = iter(interrupted)
+    assert [next(it)[0].tolist() for _ in range(3)] == passes[0][:3]
+    state = torch.load(_roundtrip(interrupted.state_dict()), weights_only=True)  # as a checkpoint stores it
+    resumed = loader(123)
+    resumed.load_state_dict(state)
+    assert [b[0].tolist() for b in resumed] == passes[0][3:]
+    assert [b[0].tolist() for b in resumed] == passes[1]
+    fresh = loader(123)
+    assert [b[0].tolist() for b in fresh] != passes[0]  # a different generator alone would not give that pass
+    cut = loader(0)  # a pass cut short (limit_train_batches), then the next epoch: a fresh draw, not a replay
+    it = iter(cut)
+    next(it)
+    state = cut.state_dict()
+    after_cut = [b[0].tolist() for b in cut]  # the uninterrupted loader's next pass starts where the cut one left off
+    later = loader(123)
+    later.load_state_dict(state)
+    later.sampler.set_epoch(1)  # as Lightning announces the next epoch
+    assert [b[0].tolist() for b in later] == after_cut != passes[1]
+    whole = loader(0)  # a pass that had yielded its last batch (a cycling loader): it ends, the next pass follows
+    it = iter(whole)
+    assert [next(it)[0].tolist() for _ in range(len(whole))] == passes[0]
+    cycled = loader(123)
+    cycled.load_state_dict(whole.state_dict())
+    assert list(cycled) == [] and [b[0].tolist() for b in cycled] == passes[1]
+
+
+def _roundtrip(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
