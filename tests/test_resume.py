@@ -237,8 +237,9 @@ def test_a_resumable_loader_continues_the_interrupted_shuffle_where_it_stopped()
     from datamodules.base import ResumableDataLoader, TensorBatchDataset, _already_batched
 
     def loader(seed: int) -> ResumableDataLoader:
-        return ResumableDataLoader(TensorBatchDataset(torch.arange(20)), batch_size=3, shuffle=True,
-                                   generator=torch.Generator().manual_seed(seed), collate_fn=_already_batched)  # fmt: skip
+        gen = torch.Generator().manual_seed(seed)
+        return ResumableDataLoader(TensorBatchDataset(torch.arange(20)), batch_size=3, shuffle=True, generator=gen,
+                                   collate_fn=_already_batched)  # fmt: skip
 
     straight = loader(0)
     passes = [[b[0].tolist() for b in straight] for _ in range(2)]
