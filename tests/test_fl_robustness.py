@@ -100,3 +100,39 @@ def test_round_curves_record_and_plot_the_attack_window(tmp_path):
     assert record["attack_rounds"] == [1, 2]  # the tiny config's window: rounds 1-2
     assert len(record["ma"]) == len(record["ba"]) == 3 and all(0 <= v <= 1 for v in record["ma"] + record["ba"])
     assert (tmp_path / "run" / "curves.png").stat().st_size > 5000
+
+
+def _breakdown_run(tmp_path, admitted_of):
+    """A run directory as `recipes fit` writes it: config.yaml + metrics.csv with an admitted share per round."""
+    import yaml
+
+    from lightning_modules.federated.recipe import FederatedRecipe
+
+    cfg = {"seed_everything": 3, "data": {"init_args": {"num_clients": 100}},
+           "model": {"init_args": {"seed": None, "clients_per_round": 10, "attack": {"init_args": {
+               "schedule": {"malicious_clients": list(range(10)), "force_participation": False}}}}}}  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    recipe = type("R", (), {"seed": 3, "attack": None, "clients_per_round": 10})()
+    rows, expected = ["epoch,step,round/attack_active,round/malicious_admitted,val/acc"], {}
+    for r in range(20):
+        n = len(set(range(10)) & set(FederatedRecipe.sample_clients(recipe, r, 100)))
+        share = admitted_of(r, n)
+        rows.append(f"0,{r},1.0,{share},")
+        if n:
+            expected.setdefault(n, []).append(share)
+    rows.append("0,19,,,0.9")  # a validation row has no round stats
+    (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
+    return expected
+
+
+def test_filter_breakdown_groups_the_admitted_share_by_colluders_in_the_round(tmp_path):
+    """scripts/fl_filter_breakdown.py redraws each round's clients: per number of colluders, the logged shares; a run
+    whose logged rounds disagree with the redrawn clients is refused."""
+    from scripts.fl_filter_breakdown import breakdown
+
+    expected = _breakdown_run(tmp_path, lambda r, n: 1.0 / n if n else float("nan"))
+    assert len(expected) >= 2 and sum(map(len, expected.values())) < 20  # 1 and 2+ colluders, and rounds with none
+    assert breakdown(tmp_path) == expected
+    _breakdown_run(tmp_path, lambda r, n: 1.0)  # a share in rounds that had no colluder: another sampler
+    with pytest.raises(SystemExit, match="do not match"):
+        breakdown(tmp_path)
