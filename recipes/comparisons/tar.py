@@ -176,8 +176,9 @@ def adversary_report(results: dict, path: Path) -> None:
     if not found:
         return
     doc = ["# TAR's training adversaries: the adversary's loss after its inner steps, by outer step\n",
-           "Cross-entropy of the adversary's own batch at its last inner step (logged every 5 outer steps; high: the "
-           "safeguard held against that adversary). Mean ± standard error (number of logged outer steps)."]
+           "Cross-entropy of the adversary's own batch at its last inner step, on the outer steps the run logged "
+           "(`log_every_n_steps`: every 5th in configs/tar/smollm2_tar.yaml); high: the safeguard held against that "
+           "adversary. Mean ± standard error (number of logged outer steps)."]
     fig, axes = plt.subplots(1, len(found), figsize=(6 * len(found), 4), squeeze=False)
     for ax, (key, run, out) in zip(axes[0], found):
         doc += [f"\n## {SAFEGUARDS[key]}, seed {run.get('seed', '?')}\n", adversary_table(out)]
