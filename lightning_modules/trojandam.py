@@ -172,19 +172,31 @@ class TrojanDam(ServerDefense):
             return self.scores[name]
         return param.detach().abs()
 
-    def masks(self, net: nn.Module) -> dict[str, Tensor]:
-        """Boolean masks (parameter name -> mask) of the entries the injection may change: the redundant units'."""
+    def redundant(self, net: nn.Module) -> dict[str, Tensor]:
+        """Per masked layer (name -> ``[units]`` bool), its ``redundant_fraction`` least important units."""
         out: dict[str, Tensor] = {}
         for name, (module, dim) in self.layers(net).items():
             w, b = module.weight, getattr(module, "bias", None)
             prefix = f"{name}." if name else ""
             ws = self.score(prefix + "weight", w)
             bs = self.score(prefix + "bias", b) if b is not None and dim == 0 else None
-            units = ops.redundant_units(ops.unit_importance(ws, dim, bs), self.redundant_fraction)
-            out[prefix + "weight"] = ops.unit_mask(units, w.shape, dim)
-            if b is not None:
-                out[prefix + "bias"] = units if dim == 0 else torch.zeros_like(b, dtype=torch.bool)
+            out[name] = ops.redundant_units(ops.unit_importance(ws, dim, bs), self.redundant_fraction)
         return out
+
+    def entry_masks(self, net: nn.Module, units: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Boolean masks (parameter name -> mask) of the entries of the given units of each masked layer."""
+        out: dict[str, Tensor] = {}
+        for name, (module, dim) in self.layers(net).items():
+            w, b = module.weight, getattr(module, "bias", None)
+            prefix = f"{name}." if name else ""
+            out[prefix + "weight"] = ops.unit_mask(units[name], w.shape, dim)
+            if b is not None:
+                out[prefix + "bias"] = units[name] if dim == 0 else torch.zeros_like(b, dtype=torch.bool)
+        return out
+
+    def masks(self, net: nn.Module) -> dict[str, Tensor]:
+        """Boolean masks (parameter name -> mask) of the entries the injection may change: the redundant units'."""
+        return self.entry_masks(net, self.redundant(net))
 
     def draw_images(self, datamodule: Any, generator: torch.Generator) -> Tensor:
         """``pool_size`` OOD images shaped and normalised like the federation's inputs."""

@@ -313,3 +313,17 @@ def test_comparison_runs_the_grid_from_the_chameleon_testbeds_warmup():
     assert RADIUS == {"mnist": 0.3, "fashion-mnist": 0.8}, "each dataset's median benign update norm"
     testbed = yaml.safe_load((repo / "configs" / "trojandam" / "testbed.yaml").read_text())["model"]["init_args"]
     assert testbed["attack"]["init_args"]["radius"] == RADIUS["mnist"], "the testbed's own PGD at MNIST's radius"
+
+
+def test_backdoor_units_reset_takes_the_masked_entries_back_to_the_warm_up_and_keeps_the_rest():
+    """scripts/trojandam_backdoor_units.py: a reset loads the final model, then sets exactly the masked parameter
+    entries to the warm-up's; the other entries and every buffer (BatchNorm statistics) stay final."""
+    from scripts.trojandam_backdoor_units import reset
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    final = {k: torch.full_like(v, 2.0) for k, v in net.state_dict().items()}
+    warm = {k: torch.zeros_like(v) for k, v in net.named_parameters()}
+    mask = torch.tensor([[True, False, False], [False, False, True]])
+    reset(net, final, warm, {"0.weight": mask})
+    assert torch.equal(net[0].weight, torch.tensor([[0.0, 2.0, 2.0], [2.0, 2.0, 0.0]]))
+    assert torch.equal(net[0].bias, torch.full((2,), 2.0)) and torch.equal(net[1].running_mean, torch.full((2,), 2.0))
