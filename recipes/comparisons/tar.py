@@ -131,9 +131,9 @@ def tar_report(results: dict, path: Path) -> None:
 
 
 def adversary_outcomes(metrics_csv: Path, window: int = 125) -> dict[tuple[float, str], dict[int, list[float]]]:
-    """TAR's training adversaries as logged: per (learning rate, data) the adversary's own loss at its last inner
-    step (``train/adversary_loss``; high means the safeguard held against it), grouped by window of outer steps
-    (``{window index: [losses]}``). Data is ``retain->forget`` when the adversary took retain steps first."""
+    """TAR's training adversaries as logged: per (learning rate, data) the adversary's loss on its last inner batch,
+    after K - 1 of its K updates (``train/adversary_loss``; high: the safeguard held against it), by window of
+    outer steps (``{window index: [losses]}``). Data is ``retain->forget`` when the adversary took retain steps first."""
     out: dict[tuple[float, str], dict[int, list[float]]] = {}
     with open(metrics_csv, newline="") as f:
         for row in csv.DictReader(f):
@@ -176,9 +176,9 @@ def adversary_report(results: dict, path: Path) -> None:
     if not found:
         return
     doc = ["# TAR's training adversaries: the adversary's loss after its inner steps, by outer step\n",
-           "Cross-entropy of the adversary's own batch at its last inner step, on the outer steps the run logged "
-           "(`log_every_n_steps`: every 5th in configs/tar/smollm2_tar.yaml); high: the safeguard held against that "
-           "adversary. Mean ± standard error (number of logged outer steps)."]
+           "Cross-entropy of the adversary's last inner batch after K - 1 of its K updates, on the outer steps the "
+           "run logged (`log_every_n_steps`: every 5th in configs/tar/smollm2_tar.yaml); high: the safeguard held "
+           "against that adversary. Mean ± standard error (number of logged outer steps)."]
     fig, axes = plt.subplots(1, len(found), figsize=(6 * len(found), 4), squeeze=False)
     for ax, (key, run, out) in zip(axes[0], found):
         doc += [f"\n## {SAFEGUARDS[key]}, seed {run.get('seed', '?')}\n", adversary_table(out)]
