@@ -133,7 +133,8 @@ def tar_report(results: dict, path: Path) -> None:
 def adversary_outcomes(metrics_csv: Path, window: int = 125) -> dict[tuple[float, str], dict[int, list[float]]]:
     """TAR's training adversaries as logged: per (learning rate, data) the adversary's loss on its last inner batch,
     after K - 1 of its K updates (``train/adversary_loss``; high: the safeguard held against it), by window of
-    outer steps (``{window index: [losses]}``). Data is ``retain->forget`` when the adversary took retain steps first."""
+    outer steps (``{window index: [losses]}``). Data is ``retain->forget`` when the adversary took retain steps
+    first."""
     out: dict[tuple[float, str], dict[int, list[float]]] = {}
     with open(metrics_csv, newline="") as f:
         for row in csv.DictReader(f):
