@@ -130,20 +130,25 @@ def tar_report(results: dict, path: Path) -> None:
     adversary_report(results, path)
 
 
-def adversary_outcomes(metrics_csv: Path, window: int = 125) -> dict[tuple[float, str], dict[int, list[float]]]:
-    """TAR's training adversaries as logged: per (learning rate, data) the adversary's loss on its last inner batch,
-    after K - 1 of its K updates (``train/adversary_loss``; high: the safeguard held against it), by window of
-    outer steps (``{window index: [losses]}``). Data is ``retain->forget`` when the adversary took retain steps
-    first."""
-    out: dict[tuple[float, str], dict[int, list[float]]] = {}
+def _adversary_rows(metrics_csv: Path) -> list[tuple[int, float, str, float]]:
+    """``(outer step, learning rate, data, loss)`` of every logged training adversary in a run's ``metrics.csv``."""
     with open(metrics_csv, newline="") as f:
-        for row in csv.DictReader(f):
-            if not row.get("train/adversary_lr") or not row.get("train/adversary_loss"):
-                continue
-            data = "retain->forget" if float(row.get("train/adversary_retain_steps") or 0) > 0 else "forget"
-            key = (float(row["train/adversary_lr"]), data)
-            loss = float(row["train/adversary_loss"])
-            out.setdefault(key, {}).setdefault(int(row["step"]) // window, []).append(loss)
+        return [(int(r["step"]), float(r["train/adversary_lr"]),
+                 "retain->forget" if float(r.get("train/adversary_retain_steps") or 0) > 0 else "forget",
+                 float(r["train/adversary_loss"]))
+                for r in csv.DictReader(f)
+                if r.get("train/adversary_lr") and r.get("train/adversary_loss")]  # fmt: skip
+
+
+def adversary_outcomes(metrics_csv: Path | list, window: int = 125) -> dict[tuple[float, str], dict[int, list[float]]]:
+    """TAR's training adversaries as logged (a ``metrics.csv`` or its :func:`_adversary_rows`): per (learning rate,
+    data) the adversary's loss on its last inner batch, after K - 1 of its K updates (``train/adversary_loss``;
+    high: the safeguard held against it), by window of outer steps (``{window index: [losses]}``). Data is
+    ``retain->forget`` when the adversary took retain steps first."""
+    rows = metrics_csv if isinstance(metrics_csv, list) else _adversary_rows(metrics_csv)
+    out: dict[tuple[float, str], dict[int, list[float]]] = {}
+    for step, lr, data, loss in rows:
+        out.setdefault((lr, data), {}).setdefault(step // window, []).append(loss)
     return out
 
 
@@ -172,8 +177,8 @@ def adversary_report(results: dict, path: Path) -> None:
 
     runs = [(key, run) for key in SAFEGUARDS for run in results.get(key, [])
             if (Path(run.get("log_dir", "")) / "metrics.csv").exists()]  # fmt: skip
-    found = [(key, run, adversary_outcomes(Path(run["log_dir"]) / "metrics.csv")) for key, run in runs]
-    found = [(key, run, out) for key, run, out in found if out]
+    found = [(key, run, _adversary_rows(Path(run["log_dir"]) / "metrics.csv")) for key, run in runs]
+    found = [(key, run, rows) for key, run, rows in found if rows]
     if not found:
         return
     doc = ["# TAR's training adversaries: the adversary's loss after its inner steps, by outer step\n",
@@ -181,14 +186,10 @@ def adversary_report(results: dict, path: Path) -> None:
            "run logged (`log_every_n_steps`: every 5th in configs/tar/smollm2_tar.yaml); high: the safeguard held "
            "against that adversary. Mean ± standard error (number of logged outer steps)."]
     fig, axes = plt.subplots(1, len(found), figsize=(6 * len(found), 4), squeeze=False)
-    for ax, (key, run, out) in zip(axes[0], found):
-        doc += [f"\n## {SAFEGUARDS[key]}, seed {run.get('seed', '?')}\n", adversary_table(out)]
-        with open(Path(run["log_dir"]) / "metrics.csv", newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("train/adversary_lr") and r.get("train/adversary_loss")]
-        for lr in sorted({float(r["train/adversary_lr"]) for r in rows}):
-            pts = [(int(r["step"]), float(r["train/adversary_loss"])) for r in rows
-                   if float(r["train/adversary_lr"]) == lr]  # fmt: skip
-            ax.scatter(*zip(*pts), s=10, label=f"lr {lr:g}")
+    for ax, (key, run, rows) in zip(axes[0], found):
+        doc += [f"\n## {SAFEGUARDS[key]}, seed {run.get('seed', '?')}\n", adversary_table(adversary_outcomes(rows))]
+        for lr in sorted({r[1] for r in rows}):
+            ax.scatter(*zip(*[(step, loss) for step, r_lr, _, loss in rows if r_lr == lr]), s=10, label=f"lr {lr:g}")
         ax.set_xlabel("outer step")
         ax.set_ylabel("adversary loss after its inner steps")
         ax.set_title(f"{SAFEGUARDS[key]}, seed {run.get('seed', '?')}", fontsize=8)
