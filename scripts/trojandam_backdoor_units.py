@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from foundation.artifacts import load_artifact
+from lightning_modules.federated.recipe import backdoor_accuracy
 from lightning_modules.trojandam import TrojanDam
 
 DEFENSE = Path("configs/fl/defenses/trojandam.yaml")
@@ -38,14 +39,11 @@ DEFENSE = Path("configs/fl/defenses/trojandam.yaml")
 
 @torch.no_grad()
 def accuracies(net: torch.nn.Module, dm) -> tuple[float, float]:
-    """(MA on the clean test set, BA on the triggered non-target test images)."""
+    """(MA on the clean test set, BA as the recipe measures it: triggered non-target test images)."""
     net.eval()
     x, y = dm.val_sets[0].tensors[:2]
     ma = float((torch.cat([net(x[i : i + 1000]).argmax(-1) for i in range(0, len(y), 1000)]) == y).float().mean())
-    xt, yt = dm.val_sets[1].tensors[:2]
-    keep = yt != dm.target_label
-    pred = torch.cat([net(xt[i : i + 1000]).argmax(-1) for i in range(0, len(yt), 1000)])
-    return ma, float((pred[keep] == dm.target_label).float().mean())
+    return ma, backdoor_accuracy(net, dm)
 
 
 def build(run: Path):

@@ -44,6 +44,23 @@ class ServerDefense:
 
 
 # ================================================================================================= recipe
+@torch.no_grad()
+def backdoor_accuracy(net: nn.Module, dm: Any, device: torch.device | str = "cpu") -> float:
+    """BA of ``net`` on ``dm``'s triggered test set (``val_sets[1]``): the share of its non-target images classified
+    as the target."""
+    x, labels = dm.val_sets[1].tensors[:2]
+    was_training = net.training
+    net.eval()
+    hits = total = 0
+    for i in range(0, len(labels), 1000):
+        xb, yb = x[i : i + 1000].to(device), labels[i : i + 1000].to(device)
+        keep = yb != dm.target_label
+        hits += int((net(xb).argmax(-1)[keep] == dm.target_label).sum())
+        total += int(keep.sum())
+    net.train(was_training)
+    return hits / max(total, 1)
+
+
 def _seed(*parts: int) -> int:
     """Mix integers into one 63-bit seed (so (seed, round, client) streams are independent)."""
     h = 0x5EED
@@ -315,21 +332,9 @@ class FederatedRecipe(BaseRecipe):
             self.trainer.should_stop = True  # the decay phase is complete (Lightning still validates)
         self.log_dict(stats, on_step=True, on_epoch=False)
 
-    @torch.no_grad()
     def backdoor_accuracy(self) -> float:
         """BA of the global model on the DataModule's triggered test set (its non-target images)."""
-        dm = self.trainer.datamodule
-        x, labels = dm.val_sets[1].tensors[:2]
-        was_training = self.net.training
-        self.net.eval()
-        hits = total = 0
-        for i in range(0, len(labels), 1000):
-            xb, yb = x[i : i + 1000].to(self.device), labels[i : i + 1000].to(self.device)
-            keep = yb != dm.target_label
-            hits += int((self.net(xb).argmax(-1)[keep] == dm.target_label).sum())
-            total += int(keep.sum())
-        self.net.train(was_training)
-        return hits / max(total, 1)
+        return backdoor_accuracy(self.net, self.trainer.datamodule, self.device)
 
     def end_window_early(self, round: int, stats: dict[str, float]) -> None:
         """``schedule.stop_at_ba``: after an attack round that leaves BA at or above it, the window closes."""
