@@ -93,10 +93,11 @@ def test_random_crop_flip_shifts_within_the_padding_and_is_seeded():
 
 
 # --------------------------------------------------------------------------------------------- the attacks
-def _ctx(recipe, dm, client: int = 0, round: int = 0) -> ClientContext:
+def _ctx(recipe, dm, client: int = 0, round: int = 0, round_seed: int = 0) -> ClientContext:
     params = [p.detach() for p in recipe.net.parameters()]
     flat = torch.nn.utils.parameters_to_vector(params)
-    return ClientContext(round, client, params, flat, None, dm, recipe.local, torch.Generator().manual_seed(7))
+    return ClientContext(round, client, params, flat, None, dm, recipe.local, torch.Generator().manual_seed(7),
+                         round_seed=round_seed)  # fmt: skip
 
 
 def test_official_baseline_attacker_trains_with_the_official_local_schedule():
@@ -145,6 +146,11 @@ def test_neurotoxin_clean_clients_mask_uses_benign_clients_batch_mean_gradients(
     assert len(asked) == 3 and 0 not in asked, "30 (here 3) random benign clients, never the attacker"
     expected = Neurotoxin.clean_gradient(model, [client_data(c) for c in asked], recipe.local.batch_size, mean=True)
     torch.testing.assert_close(estimate, expected)
+    first = list(asked)
+    again = attack.benign_estimate(model, *client_data(1), _ctx(recipe, dm, client=1))
+    assert len(asked) == 3 and again is estimate, "one mask per round, shared by the round's colluders (official)"
+    attack.benign_estimate(model, *client_data(1), _ctx(recipe, dm, client=1, round=1, round_seed=99))
+    assert len(asked) == 6 and asked[3:] != first, "a new round draws its own clients from its shared seed"
     with pytest.raises(ValueError, match="clean_clients"):
         Neurotoxin(schedule=AttackSchedule([0]), mask_source="server")
 

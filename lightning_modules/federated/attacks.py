@@ -300,6 +300,11 @@ class Neurotoxin(PGDPoisoning):
       ``loss.backward(retain_graph=True)`` over every batch, then ``torch.topk(-1*grad_list,
       int(len(grad_list)*ratio))`` over all layers, ``aggregate_all_layer: 1``). It runs in train mode as there;
       BatchNorm statistics are restored afterwards (the official code leaves them updated in the global model).
+      The mask is computed once per round and shared by the round's colluders, as the official loop does
+      (ybdai7/Chameleon-durable-backdoor@83e8f13, training.py: ``if helper.params['gradmask_ratio'] != 1 :`` …
+      ``mask_grad_list = helper.grad_mask_cv(...)`` before ``weight_accumulator = train(...)`` trains the round's
+      participants); the 30 clients are drawn with the round's shared seed (``ClientContext.round_seed``), so
+      every rank of a distributed run draws the same ones.
 
     The official code multiplies the gradients by the mask before each step (``apply_grad_mask``), so weight
     decay and momentum still move masked coordinates slightly; here they stay exactly at the global value.
@@ -326,6 +331,7 @@ class Neurotoxin(PGDPoisoning):
         if mask_clients < 1:
             raise ValueError(f"mask_clients must be >= 1, got {mask_clients}")
         self.keep_ratio, self.mask_source, self.mask_clients = keep_ratio, mask_source, mask_clients
+        self._round_estimate: tuple[tuple, Tensor] | None = None  # (round key, estimate) for the round's colluders
 
     @staticmethod
     def clean_gradient(model: nn.Module, data: list[tuple[Tensor, Tensor]], batch_size: int, mean: bool) -> Tensor:
@@ -360,12 +366,17 @@ class Neurotoxin(PGDPoisoning):
             return ctx.last_server_update
         if self.mask_source != "clean_clients":
             return self.clean_gradient(model, [(x, y)], ctx.local.batch_size, mean=False)
+        key = (ctx.round, ctx.round_seed, float(ctx.global_flat.sum()))  # the round and its global model
+        if self._round_estimate is not None and self._round_estimate[0] == key:
+            return self._round_estimate[1]  # another colluder of this round computed it
         dm, device = ctx.datamodule, ctx.global_flat.device
         pool = [c for c in range(dm.num_clients) if c not in set(self.malicious_clients)]
-        g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=ctx.generator)))
+        g = torch.Generator().manual_seed(ctx.round_seed)
         chosen = [pool[i] for i in torch.randperm(len(pool), generator=g)[: self.mask_clients].tolist()]
         data = [tuple(t.to(device) for t in dm.client_data(c)) for c in chosen]
-        return self.train_mode_gradient(model, data, ctx.local.batch_size)
+        estimate = self.train_mode_gradient(model, data, ctx.local.batch_size)
+        self._round_estimate = (key, estimate)
+        return estimate
 
     def constraint(self, model, x, y, ctx):
         keep = neurotoxin_mask(self.benign_estimate(model, x, y, ctx), self.keep_ratio)

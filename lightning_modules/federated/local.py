@@ -120,3 +120,4 @@ class ClientContext:
     local: LocalTrainer  # the round's benign trainer (its lr may follow the recipe's round schedule)
     generator: torch.Generator
     pad_value: float = 0.0  # the normalised value of a black pixel (the random crop's fill)
+    round_seed: int = 0  # shared by every client of the round: draws colluders make together

@@ -260,7 +260,8 @@ class FederatedRecipe(BaseRecipe):
         last = None if self.last_server_update is None else self.last_server_update.to(self.device)
         pad = black_pixel(dm)
         ctx = ClientContext(round, client, global_params, global_flat, last, dm, self.local_for(round),
-                            torch.Generator().manual_seed(_seed(self.seed, round, client)), pad)  # fmt: skip
+                            torch.Generator().manual_seed(_seed(self.seed, round, client)), pad,
+                            _seed(self.seed, round, -2))  # fmt: skip
         with torch.enable_grad():
             if self.is_malicious(client, round):
                 x, y = self.attack.training_data(x, y, ctx)
