@@ -294,14 +294,15 @@ class Neurotoxin(PGDPoisoning):
       broadcasts; the clean-data gradient in the first round);
     - ``clean_data``: the gradient of the cross-entropy on the attacker's own clean data at G;
     - ``clean_clients``: the official one, recomputed every attack round: the gradient at G summed over the
-      batches (batch-mean loss) of ``mask_clients`` random benign clients (training.py: ``num_clean_data = 30``
+      batches (batch-mean loss) of ``mask_clients`` random benign clients (ybdai7/Chameleon-durable-backdoor@83e8f13,
+      training.py: ``num_clean_data = 30``
       / ``subset_data_chunks_mask = random.sample(range(1,helper.params['number_of_total_participants']),
       num_clean_data)``; helper.py ``grad_mask_cv``: ``loss = criterion(output, labels)`` /
       ``loss.backward(retain_graph=True)`` over every batch, then ``torch.topk(-1*grad_list,
       int(len(grad_list)*ratio))`` over all layers, ``aggregate_all_layer: 1``). It runs in train mode as there;
       BatchNorm statistics are restored afterwards (the official code leaves them updated in the global model).
       The mask is computed once per round and shared by the round's colluders, as the official loop does
-      (ybdai7/Chameleon-durable-backdoor@83e8f13, training.py: ``if helper.params['gradmask_ratio'] != 1 :`` …
+      (same commit, training.py: ``if helper.params['gradmask_ratio'] != 1 :`` …
       ``mask_grad_list = helper.grad_mask_cv(...)`` before ``weight_accumulator = train(...)`` trains the round's
       participants); the 30 clients are drawn with the round's shared seed (``ClientContext.round_seed``), so
       every rank of a distributed run draws the same ones.
