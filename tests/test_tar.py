@@ -291,14 +291,14 @@ def test_an_artifact_of_another_trainable_span_is_refused(dm, tmp_path):
 
 def test_training_adversary_table_groups_by_lr_data_and_window(tmp_path):
     """The diagnostic of where TR holds during training: hand-computed means and SEs per adversary and window."""
-    from recipes.comparisons.tar import adversary_outcomes, adversary_table
+    from recipes.comparisons.tar import adversary_outcomes, adversary_rows, adversary_table
 
     csv_path = tmp_path / "metrics.csv"
     rows = ["epoch,step,train/adversary_loss,train/adversary_lr,train/adversary_retain_steps,val/forget_acc",
             "0,4,1.0,1e-05,0.0,", "0,9,3.0,1e-05,0.0,", "0,9,,,,0.5",  # a validation row is skipped
             "0,14,0.5,0.001,0.0,", "0,19,7.0,1e-05,3.0,", "0,24,5.0,1e-05,0.0,"]  # fmt: skip
     csv_path.write_text("\n".join(rows) + "\n")
-    out = adversary_outcomes(csv_path, window=20)
+    out = adversary_outcomes(adversary_rows(csv_path), window=20)
     assert out == {(1e-5, "forget"): {0: [1.0, 3.0], 1: [5.0]}, (1e-3, "forget"): {0: [0.5]},
                    (1e-5, "retain->forget"): {0: [7.0]}}  # fmt: skip
     table = adversary_table(out, window=20).splitlines()

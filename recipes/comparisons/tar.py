@@ -130,8 +130,10 @@ def tar_report(results: dict, path: Path) -> None:
     adversary_report(results, path)
 
 
-def _adversary_rows(metrics_csv: Path) -> list[tuple[int, float, str, float]]:
-    """``(outer step, learning rate, data, loss)`` of every logged training adversary in a run's ``metrics.csv``."""
+def adversary_rows(metrics_csv: Path) -> list[tuple[int, float, str, float]]:
+    """``(outer step, learning rate, data, loss)`` of every logged training adversary in a run's ``metrics.csv``:
+    the adversary's loss on its last inner batch, after K - 1 of its K updates (``train/adversary_loss``; high: the
+    safeguard held against it). Data is ``retain->forget`` when the adversary took retain steps first."""
     with open(metrics_csv, newline="") as f:
         return [(int(r["step"]), float(r["train/adversary_lr"]),
                  "retain->forget" if float(r.get("train/adversary_retain_steps") or 0) > 0 else "forget",
@@ -140,12 +142,9 @@ def _adversary_rows(metrics_csv: Path) -> list[tuple[int, float, str, float]]:
                 if r.get("train/adversary_lr") and r.get("train/adversary_loss")]  # fmt: skip
 
 
-def adversary_outcomes(metrics_csv: Path | list, window: int = 125) -> dict[tuple[float, str], dict[int, list[float]]]:
-    """TAR's training adversaries as logged (a ``metrics.csv`` or its :func:`_adversary_rows`): per (learning rate,
-    data) the adversary's loss on its last inner batch, after K - 1 of its K updates (``train/adversary_loss``;
-    high: the safeguard held against it), by window of outer steps (``{window index: [losses]}``). Data is
-    ``retain->forget`` when the adversary took retain steps first."""
-    rows = metrics_csv if isinstance(metrics_csv, list) else _adversary_rows(metrics_csv)
+def adversary_outcomes(rows: list[tuple[int, float, str, float]], window: int = 125) -> dict:
+    """:func:`adversary_rows` grouped per (learning rate, data) by window of outer steps:
+    ``{(lr, data): {window index: [losses]}}``."""
     out: dict[tuple[float, str], dict[int, list[float]]] = {}
     for step, lr, data, loss in rows:
         out.setdefault((lr, data), {}).setdefault(step // window, []).append(loss)
@@ -177,7 +176,7 @@ def adversary_report(results: dict, path: Path) -> None:
 
     runs = [(key, run) for key in SAFEGUARDS for run in results.get(key, [])
             if (Path(run.get("log_dir", "")) / "metrics.csv").exists()]  # fmt: skip
-    found = [(key, run, _adversary_rows(Path(run["log_dir"]) / "metrics.csv")) for key, run in runs]
+    found = [(key, run, adversary_rows(Path(run["log_dir"]) / "metrics.csv")) for key, run in runs]
     found = [(key, run, rows) for key, run, rows in found if rows]
     if not found:
         return
