@@ -142,7 +142,9 @@ def adversary_rows(metrics_csv: Path) -> list[tuple[int, float, str, float]]:
                 if r.get("train/adversary_lr") and r.get("train/adversary_loss")]  # fmt: skip
 
 
-def adversary_outcomes(rows: list[tuple[int, float, str, float]], window: int = 125) -> dict:
+def adversary_outcomes(
+    rows: list[tuple[int, float, str, float]], window: int = 125
+) -> dict[tuple[float, str], dict[int, list[float]]]:
     """:func:`adversary_rows` grouped per (learning rate, data) by window of outer steps:
     ``{(lr, data): {window index: [losses]}}``."""
     out: dict[tuple[float, str], dict[int, list[float]]] = {}
